@@ -1,0 +1,255 @@
+"""YAML presets + dotted CLI overrides -> a validated :class:`Config`.
+
+Every error is a :class:`ConfigError` naming the file or flag that fixes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from kfm.config.schema import Config
+
+T = TypeVar("T")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased so that the message alone says how to fix it."""
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{prefix}{close[0]}'?"
+    return f"valid keys: {', '.join(prefix + v for v in sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else converts."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}={value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}={value!r} has the wrong type: expected {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}={value!r} has the wrong type: expected {_type_name(tp)}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}={value!r}: expected None")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}={value!r} has the wrong type: expected bool (true/false)")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(
+            f"{where}={value!r} has the wrong type: expected {tp.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints:
+            hint = _suggest(key, names, f"{where}." if where else "")
+            raise ConfigError(f"unknown config key '{path}': {hint}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field (e.g. data.sources[i].path) is missing
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{dotted}: '{p}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML preset; a malformed file raises ConfigError with the line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"malformed YAML in {path}{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``['--optim.lr=3e-4', '--train.steps', '20']`` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
+            raw, i = args[i + 1], i + 1
+        if "." not in key:
+            raise ConfigError(f"--{key}: overrides name a section and a key, e.g. --optim.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+        i += 1
+    return tree
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML preset at ``path`` <- dotted ``overrides``; validated."""
+    data = read_yaml(path) if path else {}
+    source = str(path) if path else "defaults"
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+        source += " + command-line overrides"
+    return config_from_dict(data, source)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Config -> plain dict/list/scalars (YAML/JSON serialisable)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each error names the flag that fixes it."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be positive (set --model.{key})")
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model} (set --model.n_heads)"
+        )
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(
+            f"head_dim = d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE "
+            "(change --model.d_model or --model.n_heads)"
+        )
+    n_kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    if n_kv <= 0 or m.n_heads % n_kv:
+        divisors = [k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+            f"(set --model.n_kv_heads to one of {divisors})"
+        )
+    if d.seq_len <= 0 or d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len} "
+            "(set --data.seq_len or --model.max_seq_len)"
+        )
+    names = [s.name for s in d.sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sources: names must be unique, got {names}")
+    for i, s in enumerate(d.sources):
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be > 0")
+    if t.steps <= 0:
+        raise ConfigError(f"train.steps={t.steps} must be positive (set --train.steps)")
+    if t.micro_batch_size <= 0 or t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
+            f"train.micro_batch_size={t.micro_batch_size} (set --train.micro_batch_size)"
+        )
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.95]")
+    s = cfg.schedule
+    if s.warmup_steps < 0 or not 0.0 <= s.min_lr_ratio <= 1.0 or not 0.0 <= s.decay_fraction <= 1.0:
+        raise ConfigError(
+            "schedule: warmup_steps must be >= 0 and min_lr_ratio, decay_fraction in [0, 1] "
+            f"(got {s.warmup_steps}, {s.min_lr_ratio}, {s.decay_fraction})"
+        )
+    if cfg.checkpoint.keep_last < 0:
+        raise ConfigError("checkpoint.keep_last must be >= 0 (0 keeps every checkpoint)")
+
+
+# re-exported for callers that only need types
+__all__ = [
+    "ConfigError",
+    "config_from_dict",
+    "dump_yaml",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+    "to_dict",
+    "validate",
+]

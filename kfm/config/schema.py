@@ -1,0 +1,188 @@
+"""The config tree: one typed dataclass per component, each default declared once.
+
+YAML presets under ``configs/`` state only what differs from these defaults; dotted CLI overrides
+(``--optim.lr=3e-4``) are applied last. Loading, type checking and cross-field validation live in
+``kfm.config.loader``; this file only declares fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    vocab_size: int = 8192
+    """Embedding rows; must be >= the tokenizer's vocabulary (pad it up to a multiple of 64 on GPU)."""
+    d_model: int = 256
+    """Residual stream width."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads; head_dim = d_model // n_heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
+    ffn_hidden: int | None = None
+    """SwiGLU hidden width; None derives 8/3 * d_model rounded up to ffn_multiple_of."""
+    ffn_multiple_of: int = 64
+    """Rounding for the derived SwiGLU width."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    max_seq_len: int = 2048
+    """Longest sequence the RoPE tables cover (exported as max_position_embeddings)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (exported as Qwen3ForCausalLM)."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections (wo, w2) use init_std / sqrt(2 * n_layers)."""
+    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    """auto: flex on CUDA, sdpa on CPU. flash needs the `gpu` extra (flash-attn)."""
+    document_masking: bool = True
+    """Block-causal attention inside each packed document; False is plain causal over the sequence."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenizerConfig:
+    path: str = "runs/tokenizer"
+    """Directory of the trained tokenizer (loadable with transformers.AutoTokenizer)."""
+    vocab_size: int = 8192
+    """Target vocabulary size of `kfm tokenizer train`, special tokens included."""
+    min_frequency: int = 2
+    """BPE merges need a pair seen at least this often."""
+    n_reserved: int = 64
+    """Reserved special-token slots (<|reserved_N|>) for later use without resizing the model."""
+    inputs: list[str] = field(default_factory=list)
+    """Training text files (.jsonl/.jsonl.gz/.parquet/.txt); empty means the data sources' raw text."""
+    text_field: str = "text"
+    """Field holding the text in JSONL/Parquet inputs."""
+    max_chars: int = 200_000_000
+    """Stop reading training text after this many characters."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSourceConfig:
+    name: str
+    """Short name used in logs and loader state."""
+    path: str
+    """Directory written by `kfm pack` (holds manifest.json)."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture (normalised over sources)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    """Packed shard sets to mix; each needs name, path and optional weight."""
+    seq_len: int = 256
+    """Tokens per training sequence (each sample reads seq_len + 1 tokens for the shifted target)."""
+    seed: int = 1234
+    """Seed of the mixture draw and per-epoch shuffles."""
+    verify: Literal["size", "sha256"] = "sha256"
+    """Shard check at open: sizes only, or sizes plus the manifest's sha256 (reads every byte)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; norms and embeddings get none."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    z_loss: float = 0.0
+    """Weight of the z-loss (mean of logsumexp(logits)^2); 0 disables it. 1e-4 is typical."""
+    impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """AdamW kernel: auto picks fused on CUDA, foreach elsewhere."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine: warm-up then cosine to min; wsd: warm-up, stable, linear decay; constant: warm-up then flat."""
+    warmup_steps: int = 100
+    """Linear warm-up length in optimizer steps; 0 disables warm-up."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of all steps spent in the final decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of optim.lr."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    name: str = "default"
+    """Run name; the run directory is run_root/name."""
+    run_root: str = "runs"
+    """Parent directory of run directories."""
+    steps: int = 1000
+    """Optimizer steps to train."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank; accumulation = global / (micro * world size)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Compute dtype: fp32, or bf16 autocast with fp32 master weights and fp32 loss."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
+    seed: int = 0
+    """Seed of model init and torch RNG."""
+    compile: bool = False
+    """torch.compile the model (inductor)."""
+    deterministic: bool = True
+    """Use deterministic algorithms where torch offers them (needed for bitwise resume)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    interval: int = 500
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; 0 keeps all."""
+    resume: str = "auto"
+    """auto: newest valid checkpoint of this run if any; never: start fresh; or a checkpoint path."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    interval: int = 10
+    """Log metrics every this many steps."""
+    jsonl: bool = True
+    """Write metrics.jsonl in the run directory."""
+    tensorboard: bool = True
+    """Write TensorBoard events under tb/."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless WANDB_MODE is set)."""
+    wandb_project: str = "kfm"
+    """wandb project name."""
+    progress_bar: bool = True
+    """Show a progress bar on the console (rank 0)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    interval: int = 200
+    """Validation loss / bits per byte every this many steps (and at the end); 0 disables."""
+    batches: int = 16
+    """Validation batches of micro_batch_size sequences per evaluation."""
+    at_start: bool = True
+    """Also evaluate before the first step (the untrained baseline)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
