@@ -220,9 +220,9 @@ def validate(cfg: Config) -> None:
     names = [s.name for s in d.sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sources: names must be unique, got {names}")
-    for i, s in enumerate(d.sources):
-        if s.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be > 0")
+    for i, src in enumerate(d.sources):
+        if src.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight={src.weight} must be > 0")
     if t.steps <= 0:
         raise ConfigError(f"train.steps={t.steps} must be positive (set --train.steps)")
     if t.micro_batch_size <= 0 or t.global_batch_size % t.micro_batch_size:
@@ -232,12 +232,20 @@ def validate(cfg: Config) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.95]")
-    s = cfg.schedule
-    if s.warmup_steps < 0 or not 0.0 <= s.min_lr_ratio <= 1.0 or not 0.0 <= s.decay_fraction <= 1.0:
+    sch = cfg.schedule
+    if sch.warmup_steps < 0 or not 0.0 <= sch.min_lr_ratio <= 1.0 or not 0.0 <= sch.decay_fraction <= 1.0:
         raise ConfigError(
             "schedule: warmup_steps must be >= 0 and min_lr_ratio, decay_fraction in [0, 1] "
-            f"(got {s.warmup_steps}, {s.min_lr_ratio}, {s.decay_fraction})"
+            f"(got {sch.warmup_steps}, {sch.min_lr_ratio}, {sch.decay_fraction})"
         )
+    for key in ("logging.interval", "eval.batches"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key} must be >= 1 (set --{key})")
+    for key in ("eval.interval", "checkpoint.interval"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key} must be >= 0; 0 disables it (set --{key})")
     if cfg.checkpoint.keep_last < 0:
         raise ConfigError("checkpoint.keep_last must be >= 0 (0 keeps every checkpoint)")
 

@@ -1,0 +1,234 @@
+"""`kfm` command line: train, tokenizer, pack, eval, export.
+
+The CLI is the composition root: it may import every package (kfm.*, eval), nothing imports it.
+Heavy imports happen inside each command so that `kfm --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kfm.config import ConfigError
+
+_OVERRIDES_HELP = (
+    "Config overrides as dotted flags after the other options, e.g. --optim.lr=3e-4 --train.steps 200."
+)
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "config", nargs=None if required else "?", help="YAML preset under configs/ (see README)"
+    )
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the parameter count, then exit")
+
+
+def _load(args: argparse.Namespace, overrides: list[str]):
+    from kfm.config import load_config
+
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = _load(args, overrides)
+    if args.dry_run:
+        return _dry_run(cfg)
+    from kfm.train.trainer import train
+
+    summary = train(cfg)
+    first, last = summary.get("first_eval"), summary.get("last_eval")
+    if first and last and first is not last:
+        print(f"validation bits/byte: {first['val_bpb']:.4f} (step 0) -> {last['val_bpb']:.4f} "
+              f"(step {summary['steps_done']})")
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    import torch
+
+    from kfm.config import dump_yaml
+    from kfm.model.flops import flops_per_token
+    from kfm.model.transformer import Transformer
+
+    with torch.device("meta"):  # no memory is allocated for the weights
+        model = Transformer(cfg.model)
+    n = model.num_params()
+    n_body = model.num_params(exclude_embeddings=True)
+    print(dump_yaml(cfg), end="")
+    print("---")
+    print(f"parameters: {n:,} ({n_body:,} without embeddings)")
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    print(f"tokens per step: {tokens:,}; total tokens: {tokens * cfg.train.steps:,}")
+    print(f"training FLOPs per token: {flops_per_token(cfg.model, cfg.data.seq_len):.4g}")
+    print(f"gradient accumulation: {cfg.train.global_batch_size // cfg.train.micro_batch_size} "
+          "micro-batches per step (1 process)")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = _load(args, overrides)
+    if args.dry_run:
+        from kfm.config import to_dict
+
+        print(json.dumps(to_dict(cfg.tokenizer), indent=2))
+        return 0
+    from kfm.tokenizer import train_from_files
+
+    t = cfg.tokenizer
+    inputs = list(t.inputs)
+    if not inputs:
+        raise ConfigError(
+            "tokenizer.inputs is empty: list the text files to train on in the preset or pass "
+            "--tokenizer.inputs='[data/sample/a.jsonl.gz, ...]'"
+        )
+    report = train_from_files(
+        inputs, t.path, vocab_size=t.vocab_size, min_frequency=t.min_frequency,
+        n_reserved=t.n_reserved, text_field=t.text_field, max_chars=t.max_chars,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"kfm pack takes no config overrides, got {overrides}")
+    from kfm.data.pack import pack
+
+    manifest = pack(
+        args.inputs, args.tokenizer, args.out, source_name=args.source_name or Path(args.out).name,
+        license=args.license, text_field=args.text_field, val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
+    )
+    splits = manifest["splits"]
+    print(f"packed {args.out}: " + ", ".join(
+        f"{name} {s['n_docs']:,} docs / {s['n_tokens']:,} tokens" for name, s in splits.items()
+    ))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"kfm eval takes no config overrides, got {overrides}")
+    from eval.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, batches=args.batches, data=args.data,
+                                 tokenizer=args.tokenizer)
+    print(f"checkpoint {result['checkpoint']}: validation loss {result['val_loss']:.4f} nats/token, "
+          f"{result['val_bpb']:.4f} bits/byte over {result['val_tokens']:,} tokens")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"kfm export takes no config overrides, got {overrides}")
+    import torch
+
+    from kfm.checkpoint import load_model_state, resolve_checkpoint_arg
+    from kfm.config import config_from_dict
+    from kfm.export.hf import export_hf
+    from kfm.export.verify import export_logits_diff
+
+    path = resolve_checkpoint_arg(args.checkpoint)
+    state, config = load_model_state(path)
+    cfg = config_from_dict(config, source=f"{path}/manifest.json")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    out = export_hf(state, cfg.model, args.out_dir, tokenizer_dir=args.tokenizer or cfg.tokenizer.path,
+                    dtype=dtype, overwrite=args.overwrite)
+    print(f"exported {path} -> {out}")
+    if args.verify:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, min(64, cfg.data.seq_len)), generator=g)
+        diff = export_logits_diff(state, cfg.model, out, tokens)
+        # fp32 weights must reproduce kfm's logits; bf16 rounding of every weight moves them more.
+        tol = 1e-4 if args.dtype == "fp32" else 5e-2
+        verdict = "ok" if diff <= tol else "MISMATCH"
+        print(f"export check: max |logits_kfm - logits_hf| = {diff:.2e} (tolerance {tol:.0e}): {verdict}")
+        if diff > tol:
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kfm", description="Pretrain a Korean/English domain foundation model from scratch.",
+        epilog=_OVERRIDES_HELP,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (or resume) a model from a config",
+                       description="Train or resume a model. " + _OVERRIDES_HELP)
+    _add_config_args(p, required=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer",
+                       description="Tokenizer commands. " + _OVERRIDES_HELP)
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    tp = tsub.add_parser("train", help="train a tokenizer on tokenizer.inputs, save to tokenizer.path",
+                         description="Train a byte-level BPE (NFC, split digits, bos/eos/pad + "
+                         "reserved specials) and report fertility for Korean and English. "
+                         + _OVERRIDES_HELP)
+    _add_config_args(tp, required=False)
+    tp.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer.path")
+    tp.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("pack", help="tokenize text into packed, memory-mappable token shards",
+                       description="Tokenize JSONL/Parquet/text into a shard set (train/val splits, "
+                       "document index, manifest with sha256).")
+    p.add_argument("inputs", nargs="+", help="files or directories (.jsonl, .jsonl.gz, .parquet, .txt)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (kfm tokenizer train)")
+    p.add_argument("--out", required=True, help="output shard-set directory")
+    p.add_argument("--source-name", default=None, help="source name in the manifest (default: out dir name)")
+    p.add_argument("--license", default="unknown", help="license of the input text, recorded in the manifest")
+    p.add_argument("--text-field", default="text", help="field holding the text (JSONL/Parquet)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per .bin file")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint",
+                       description="Evaluate a checkpoint (step dir, checkpoints dir or run dir).")
+    p.add_argument("checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: eval.batches)")
+    p.add_argument("--data", nargs="+", default=None, help="shard sets to evaluate instead of the run's sources")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint",
+                       description="Export a checkpoint to a transformers folder (safetensors, config, "
+                       "generation config, tokenizer) and check logits against kfm.")
+    p.add_argument("checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)")
+    p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype to save")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip loading the export with transformers and comparing logits")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args.func(args, rest)
+    except ConfigError as e:
+        print(f"kfm {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # Our own errors (ShardError, CheckpointError, ReaderError...) carry the fix in their
+        # message: print it alone. Anything else is a bug or a library error: keep the traceback.
+        if isinstance(e, FileNotFoundError) or type(e).__module__.split(".")[0] in ("kfm", "eval"):
+            print(f"kfm {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Tokenize documents into a packed shard set (``kfm pack``); format in ``kfm.data.shards``.
+
+Pipeline: readers.iter_documents -> batches of ``batch_docs`` texts -> tokenizer worker processes
+-> ``[bos] + ids + [eos]`` per document -> ShardWriter("train") or ShardWriter("val") -> manifest.
+
+Determinism: batches are returned in submission order, and the train/val decision hashes only the
+document text, so the shards are byte-identical for any number of workers. Atomicity: everything
+is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` at the end; a killed pack leaves only the
+temp directory, which has no manifest and so never passes for a shard set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import kfm
+from kfm.data.readers import check_input, iter_documents
+from kfm.data.shards import FORMAT, VERSION, ShardWriter, token_dtype, write_manifest
+from kfm.tokenizer import encode
+from kfm.tokenizer.core import load_tokenizer, tokenizer_file, tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+_HASH_DENOM = float(1 << 64)
+_INFLIGHT_PER_WORKER = 4
+"""Batches queued per worker: keeps workers busy while bounding memory to a few batches."""
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """True if `text` belongs to the validation split.
+
+    A 64-bit blake2b of the UTF-8 text, read as a fraction of 2**64, is compared to
+    `val_fraction`: stable across runs, machines and worker counts, and exact duplicates always
+    land in the same split (no train/val leakage through copies).
+    """
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / _HASH_DENOM < val_fraction
+
+
+def _batches(inputs: list[str], text_field: str, batch_docs: int, stats: dict) -> Iterator[list]:
+    """Batches of non-empty document texts in input order; counts skipped empty documents."""
+    batch: list[str] = []
+    for path in inputs:
+        for doc in iter_documents(path, text_field=text_field):
+            text = doc["text"]
+            if not text.strip():
+                stats["skipped_empty"] += 1
+                continue
+            batch.append(text)
+            if len(batch) == batch_docs:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _encoded(
+    batches: Iterator[list[str]], tokenizer_dir: str, bos_id: int, eos_id: int, workers: int
+) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """(texts, encoded) per batch, in input order, tokenized on `workers` processes."""
+    if workers == 1:
+        encode.init_worker(tokenizer_dir, bos_id, eos_id)
+        for texts in batches:
+            yield texts, encode.encode_batch(texts)
+        return
+    # spawn, not fork: the parent may hold threads (tokenizers' thread pool, torch) that a
+    # forked child would inherit in a locked state.
+    ctx = mp.get_context("spawn")
+    init_args = (tokenizer_dir, bos_id, eos_id, False)
+    with ctx.Pool(workers, initializer=encode.init_worker, initargs=init_args) as pool:
+        # apply_async with a bounded FIFO instead of imap: imap's feeder thread would read the
+        # whole input into the task queue, unbounded in memory for a large corpus.
+        pending: deque = deque()
+        for texts in batches:
+            pending.append((texts, pool.apply_async(encode.encode_batch, (texts,))))
+            if len(pending) >= _INFLIGHT_PER_WORKER * workers:
+                t, res = pending.popleft()
+                yield t, res.get()
+        while pending:
+            t, res = pending.popleft()
+            yield t, res.get()
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pack(
+    inputs: list[str],
+    tokenizer_path: str | Path,
+    out_dir: str | Path,
+    *,
+    source_name: str,
+    license: str = "unknown",
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    shard_tokens: int = 1 << 27,
+    workers: int = 1,
+    batch_docs: int = 256,
+    overwrite: bool = False,
+) -> dict:
+    """Tokenize the documents of `inputs` into a shard set at `out_dir`; returns its manifest.
+
+    Each non-empty document becomes ``[bos] + ids + [eos]`` in split "val" if
+    ``is_val(text, val_fraction)`` else "train"; empty (whitespace-only) documents are skipped
+    and counted in ``skipped_empty``. Output is byte-identical for any `workers`.
+
+    Args:
+        inputs: files, directories or ``hf://NAME`` (see ``kfm.data.readers``), read in order.
+        tokenizer_path: tokenizer directory; its tokenizer.json sha256 goes in the manifest.
+        source_name, license: recorded in the manifest's ``sources`` entry.
+        val_fraction: expected share of documents in "val", in [0, 1).
+        shard_tokens: soft maximum tokens per .bin file.
+        workers: tokenizer processes (1 tokenizes in this process).
+        batch_docs: documents per task sent to a worker.
+        overwrite: replace an existing `out_dir`.
+
+    Raises:
+        FileExistsError: `out_dir` exists and `overwrite` is False.
+        InputNotFoundError / ReaderError: an input is missing or unreadable (before any work
+            for missing files).
+        TokenizerNotFoundError: no tokenizer at `tokenizer_path`.
+        ValueError: bad arguments, a tokenizer without bos/eos, or no documents at all.
+    """
+    if not inputs:
+        raise ValueError("pack: no inputs given; pass files or directories to tokenize")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1) (--val-fraction)")
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1 (--workers)")
+    if batch_docs < 1:
+        raise ValueError(f"batch_docs={batch_docs} must be >= 1")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    for path in inputs:  # a typo in the last input should fail now, not after hours of work
+        check_input(path)
+    tok_path = str(tokenizer_path)
+    tok_hash = tokenizer_hash(tok_path)
+    tok = load_tokenizer(tok_path)
+    tok_dir = str(tokenizer_file(tok_path).parent)
+    bos_id, eos_id, vocab_size = tok.bos_token_id, tok.eos_token_id, len(tok)
+    if bos_id is None or eos_id is None:
+        raise ValueError(
+            f"{tok_path}: tokenizer defines no bos_token or eos_token; pack stores each document "
+            "as [bos] + ids + [eos], so train one with `kfm tokenizer train`"
+        )
+    del tok
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a killed pack that had this same pid
+    stats = {"skipped_empty": 0}
+    try:
+        with (
+            ShardWriter(tmp, "train", vocab_size=vocab_size, shard_tokens=shard_tokens) as train,
+            ShardWriter(tmp, "val", vocab_size=vocab_size, shard_tokens=shard_tokens) as val,
+        ):
+            batches = _batches([str(p) for p in inputs], text_field, batch_docs, stats)
+            # closing(): on an error, shut the worker pool down now rather than at garbage
+            # collection of the half-consumed generator.
+            with closing(_encoded(batches, tok_dir, bos_id, eos_id, workers)) as encoded_batches:
+                for texts, encoded in encoded_batches:
+                    for text, ids in zip(texts, encoded, strict=True):
+                        (val if is_val(text, val_fraction) else train).add_document(ids)
+            splits = {"train": train.close(), "val": val.close()}
+        n_docs = sum(s["n_docs"] for s in splits.values())
+        if n_docs == 0:
+            raise ValueError(
+                f"pack: no non-empty documents in {inputs} ({stats['skipped_empty']} empty); "
+                "check the inputs and --text-field"
+            )
+        if val_fraction > 0 and splits["val"]["n_docs"] == 0:
+            log.warning(
+                "val split is empty: %d documents and val_fraction=%g; raise --val-fraction",
+                n_docs,
+                val_fraction,
+            )
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": token_dtype(vocab_size).name,
+            "vocab_size": vocab_size,
+            "tokenizer_hash": tok_hash,
+            "bos_id": bos_id,
+            "eos_id": eos_id,
+            "sources": [
+                {
+                    "name": source_name,
+                    "license": license,
+                    "inputs": [str(p) for p in inputs],
+                    "n_docs": n_docs,
+                    "n_tokens": sum(s["n_tokens"] for s in splits.values()),
+                }
+            ],
+            "splits": splits,
+            "val_fraction": val_fraction,
+            "text_field": text_field,
+            "skipped_empty": stats["skipped_empty"],
+            "created_by": f"kfm {kfm.__version__}",
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_manifest(tmp, manifest)
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,473 @@
+"""The shard format: token ids on disk, written by `kfm pack` and read by the training loader.
+
+A shard set is a directory::
+
+    OUT/
+      manifest.json                  written LAST, atomically; without it the directory is not a set
+      train-00000.bin  train-00000.idx  train-00001.bin  train-00001.idx ...
+      val-00000.bin    val-00000.idx
+
+- ``.bin``: raw little-endian token ids, uint16 if vocab_size <= 65536 else uint32, no header, so a
+  file maps straight into memory with ``np.memmap``. Documents are concatenated; a document never
+  spans two files.
+- ``.idx``: raw little-endian int64 document start offsets within that .bin plus the end offset:
+  n_docs + 1 entries, the first 0, the last the file's token count.
+- ``manifest.json``: format, version, dtype, vocab_size, tokenizer_hash, bos_id, eos_id, sources,
+  and per split the file list with token/document counts and sha256 of every file.
+
+The packer stores each document as ``[bos_id] + ids + [eos_id]``; the writer stores what it gets.
+A split reads back as one continuous token stream over its files (`ShardSet`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "kfm-shards"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+_IDX_DTYPE = np.dtype("<i8")
+_HASH_CHUNK_BYTES = 8 << 20
+_REQUIRED_KEYS = ("format", "version", "dtype", "vocab_size", "tokenizer_hash", "bos_id", "eos_id")
+_FILE_KEYS = ("bin", "idx", "n_docs", "n_tokens", "sha256_bin", "sha256_idx")
+
+
+class ShardError(RuntimeError):
+    """A shard set is missing, malformed or corrupt; the message names the file and the fix."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Little-endian on-disk dtype for token ids of a vocabulary of ``vocab_size`` entries.
+
+    Raises:
+        ValueError: vocab_size is not in [1, 2**32].
+    """
+    if not 1 <= vocab_size <= 1 << 32:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, 2**32]")
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform/filesystem, hence the guard.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class ShardWriter:
+    """Writes one split's .bin/.idx files; each file is written as NAME.tmp then os.replace'd on roll/close.
+
+    Files are named ``{split}-{n:05d}.bin/.idx``. A new file starts when the next document would
+    push the current one past ``shard_tokens`` tokens (a single longer document gets a file of its
+    own). sha256 is computed while writing, so closing never re-reads a file. Creating a writer
+    removes an existing ``manifest.json`` in ``out_dir``: files are about to be replaced, so the old
+    manifest would no longer describe them. Use as a context manager to drop the temporary file on
+    error.
+    """
+
+    def __init__(
+        self, out_dir: str | Path, split: str, *, vocab_size: int, shard_tokens: int = 1 << 27
+    ) -> None:
+        """Prepare to write ``split`` into ``out_dir`` (created if missing).
+
+        Args:
+            out_dir: the shard set directory.
+            split: split name, e.g. "train" or "val"; a plain name without path separators.
+            vocab_size: tokenizer vocabulary size; picks the dtype and bounds the ids.
+            shard_tokens: soft maximum tokens per file (default 2**27 = 256 MiB at uint16).
+
+        Raises:
+            ValueError: bad split name, vocab_size or shard_tokens.
+        """
+        if not split or "/" in split or "\\" in split or split.startswith("."):
+            raise ValueError(f"split={split!r} must be a plain name such as 'train' or 'val'")
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens={shard_tokens} must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.shard_tokens = shard_tokens
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        self._files: list[dict[str, Any]] = []
+        self._closed = False
+        self._n_docs_total = 0
+        self._f: Any = None  # the open .bin.tmp file, or None between files
+        self._bin_hash: Any = None
+        self._offsets: list[int] = [0]
+
+    @property
+    def n_docs(self) -> int:
+        """Documents added so far."""
+        return self._n_docs_total
+
+    def _name(self, ext: str) -> str:
+        return f"{self.split}-{len(self._files):05d}.{ext}"
+
+    def _start_file(self) -> None:
+        # Stays open across add_document calls; closed by _finish_file or abort.
+        self._f = open(self.out_dir / (self._name("bin") + ".tmp"), "wb")  # noqa: SIM115
+        self._bin_hash = hashlib.sha256()
+        self._offsets = [0]
+
+    def _finish_file(self) -> None:
+        bin_name, idx_name = self._name("bin"), self._name("idx")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        idx_bytes = np.asarray(self._offsets, dtype=_IDX_DTYPE).tobytes()
+        _atomic_write_bytes(self.out_dir / idx_name, idx_bytes)
+        os.replace(self.out_dir / (bin_name + ".tmp"), self.out_dir / bin_name)
+        _fsync_dir(self.out_dir)
+        self._files.append(
+            {
+                "bin": bin_name,
+                "idx": idx_name,
+                "n_docs": len(self._offsets) - 1,
+                "n_tokens": self._offsets[-1],
+                "sha256_bin": self._bin_hash.hexdigest(),
+                "sha256_idx": hashlib.sha256(idx_bytes).hexdigest(),
+            }
+        )
+
+    def add_document(self, ids: np.ndarray | Sequence[int]) -> None:
+        """Append one document (already including bos/eos if wanted) to the split.
+
+        Raises:
+            ValueError: ids is empty, not a 1-D integer sequence, or holds an id outside
+                [0, vocab_size).
+            RuntimeError: the writer is closed.
+        """
+        if self._closed:
+            raise RuntimeError(f"ShardWriter for split {self.split!r} is closed")
+        arr = np.asarray(ids)
+        doc = self._n_docs_total
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(
+                f"document {doc}: ids must be a non-empty 1-D sequence, got {arr.shape}"
+            )
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"document {doc}: ids must be integers, got dtype {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"document {doc}: token id {bad} outside [0, vocab_size={self.vocab_size}); "
+                "the tokenizer and vocab_size disagree"
+            )
+        if self._f is not None and self._offsets[-1] + arr.size > self.shard_tokens:
+            self._finish_file()
+        if self._f is None:
+            self._start_file()
+        data = arr.astype(self.dtype, copy=False).tobytes()
+        self._f.write(data)
+        self._bin_hash.update(data)
+        self._offsets.append(self._offsets[-1] + arr.size)
+        self._n_docs_total += 1
+
+    def close(self) -> dict:
+        """Finish the last file and return this split's manifest entry.
+
+        Returns:
+            ``{"n_docs", "n_tokens", "files": [{"bin", "idx", "n_docs", "n_tokens", "sha256_bin",
+            "sha256_idx"}, ...]}``; ``files`` is empty if no document was added. Calling close again
+            returns the same entry.
+        """
+        if not self._closed:
+            if self._f is not None:
+                self._finish_file()
+            self._closed = True
+        return {
+            "n_docs": sum(f["n_docs"] for f in self._files),
+            "n_tokens": sum(f["n_tokens"] for f in self._files),
+            "files": [dict(f) for f in self._files],
+        }
+
+    def abort(self) -> None:
+        """Drop the file being written (its .tmp); files already finished stay on disk."""
+        if self._f is not None:
+            self._f.close()
+            (self.out_dir / (self._name("bin") + ".tmp")).unlink(missing_ok=True)
+            self._f = None
+        self._closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _check_manifest(manifest: Any, where: str, fix: str) -> None:
+    """Raise ShardError unless ``manifest`` has the keys and types of format version 1."""
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{where}: manifest must be a JSON object; {fix}")
+    missing = [k for k in (*_REQUIRED_KEYS, "splits") if k not in manifest]
+    if missing:
+        raise ShardError(f"{where}: manifest lacks {missing}; {fix}")
+    if manifest["format"] != FORMAT:
+        raise ShardError(f"{where}: format={manifest['format']!r}, expected {FORMAT!r}; {fix}")
+    if manifest["version"] != VERSION:
+        raise ShardError(
+            f"{where}: version={manifest['version']!r} is not supported (this kfm reads version "
+            f"{VERSION}); {fix}"
+        )
+    vocab_size = manifest["vocab_size"]
+    if not isinstance(vocab_size, int) or not 1 <= vocab_size <= 1 << 32:
+        raise ShardError(f"{where}: vocab_size={vocab_size!r} must be an int in [1, 2**32]; {fix}")
+    if manifest["dtype"] != token_dtype(vocab_size).name:
+        raise ShardError(
+            f"{where}: dtype={manifest['dtype']!r} but vocab_size={vocab_size} needs "
+            f"{token_dtype(vocab_size).name!r}; {fix}"
+        )
+    splits = manifest["splits"]
+    if not isinstance(splits, dict):
+        raise ShardError(f"{where}: 'splits' must be an object of split entries; {fix}")
+    for split, entry in splits.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), list):
+            raise ShardError(f"{where}: split {split!r} needs a 'files' list; {fix}")
+        for i, f in enumerate(entry["files"]):
+            if not isinstance(f, dict) or any(k not in f for k in _FILE_KEYS):
+                raise ShardError(
+                    f"{where}: split {split!r} file {i} needs keys {_FILE_KEYS}; {fix}"
+                )
+            for k in ("bin", "idx"):
+                if Path(f[k]).name != f[k] or f[k] in ("", ".", ".."):
+                    raise ShardError(
+                        f"{where}: split {split!r} file name {f[k]!r} must be a plain file name "
+                        f"inside the shard set; {fix}"
+                    )
+        for key in ("n_docs", "n_tokens"):
+            total = sum(f[key] for f in entry["files"])
+            if entry.get(key) != total:
+                raise ShardError(
+                    f"{where}: split {split!r} {key}={entry.get(key)!r} but its files sum to "
+                    f"{total}; {fix}"
+                )
+
+
+def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
+    """Write ``out_dir/manifest.json`` atomically (temp file, fsync, os.replace); returns its path.
+
+    Call it last, after every ShardWriter is closed: the manifest is what makes the directory a
+    shard set.
+
+    Raises:
+        ShardError: the manifest lacks required keys, has the wrong format/version/dtype, its
+            split totals disagree with its files, or a listed file does not exist.
+    """
+    out = Path(out_dir)
+    _check_manifest(manifest, str(out / MANIFEST_NAME), "fix the manifest passed to write_manifest")
+    for split, entry in manifest["splits"].items():
+        for f in entry["files"]:
+            for k in ("bin", "idx"):
+                if not (out / f[k]).is_file():
+                    raise ShardError(
+                        f"{out / f[k]}: listed in split {split!r} but missing; close every "
+                        "ShardWriter before write_manifest"
+                    )
+    path = out / MANIFEST_NAME
+    _atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    return path
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardSet:
+    """One split of one shard set, as a single continuous token stream over its files (memmapped).
+
+    Attributes:
+        path: the shard set directory.
+        manifest: the parsed manifest.json.
+        split: the split read ("train", "val", ...).
+        n_tokens, n_docs: totals of the split.
+        vocab_size, tokenizer_hash, bos_id, eos_id: from the manifest.
+    """
+
+    manifest: dict
+    split: str
+    n_tokens: int
+    n_docs: int
+    vocab_size: int
+    tokenizer_hash: str
+
+    def __init__(
+        self, path: Path, manifest: dict, split: str, bins: list[np.ndarray], idxs: list[np.ndarray]
+    ) -> None:
+        """Use `ShardSet.open`; this constructor trusts its already-checked arguments."""
+        self.path = path
+        self.manifest = manifest
+        self.split = split
+        self.vocab_size = int(manifest["vocab_size"])
+        self.tokenizer_hash = str(manifest["tokenizer_hash"])
+        self.bos_id = int(manifest["bos_id"])
+        self.eos_id = int(manifest["eos_id"])
+        self._bins = bins
+        self._idxs = idxs
+        # Global start of each file in tokens and documents, with the total at the end.
+        self._tok_starts = np.cumsum([0] + [b.size for b in bins], dtype=np.int64)
+        self._doc_starts = np.cumsum([0] + [i.size - 1 for i in idxs], dtype=np.int64)
+        self.n_tokens = int(self._tok_starts[-1])
+        self.n_docs = int(self._doc_starts[-1])
+
+    @classmethod
+    def open(cls, path: str | Path, split: str = "train", *, verify: str = "sha256") -> ShardSet:
+        """Open ``split`` of the shard set at ``path`` after checking it against its manifest.
+
+        Args:
+            path: directory written by `kfm pack`.
+            split: split to read.
+            verify: "sha256" checks sizes and hashes every byte (costs one full read of the split,
+                ~1 s per GB); "size" checks file sizes and the .idx contents only.
+
+        Raises:
+            ShardError: missing directory or manifest, bad JSON, unknown format/version, split
+                absent, missing or truncated file, bad .idx, or sha256 mismatch; each names the file.
+            ValueError: unknown ``verify`` mode.
+        """
+        if verify not in ("size", "sha256"):
+            raise ValueError(f"verify={verify!r} must be 'size' or 'sha256'")
+        root = Path(path)
+        mpath = root / MANIFEST_NAME
+        repack = "re-run `kfm pack` to rebuild the shard set"
+        if not root.is_dir():
+            raise ShardError(f"{root}: not a shard set (no such directory); run `kfm pack` first")
+        if not mpath.is_file():
+            raise ShardError(
+                f"{root}: not a shard set (no {MANIFEST_NAME}; packing may have been interrupted); "
+                "run `kfm pack`"
+            )
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ShardError(f"{mpath}: not valid JSON ({e}); {repack}") from e
+        _check_manifest(manifest, str(mpath), repack)
+        if split not in manifest["splits"]:
+            raise ShardError(
+                f"{mpath}: no split {split!r} (has {sorted(manifest['splits'])}); pack it with "
+                "`kfm pack` or pick another split"
+            )
+        dtype = token_dtype(manifest["vocab_size"])
+        bins: list[np.ndarray] = []
+        idxs: list[np.ndarray] = []
+        for f in manifest["splits"][split]["files"]:
+            bpath, ipath = root / f["bin"], root / f["idx"]
+            n_tokens, n_docs = int(f["n_tokens"]), int(f["n_docs"])
+            for p, want in ((bpath, n_tokens * dtype.itemsize), (ipath, (n_docs + 1) * 8)):
+                if not p.is_file():
+                    raise ShardError(f"{p}: listed in {mpath} but missing; {repack}")
+                size = p.stat().st_size
+                if size != want:
+                    raise ShardError(
+                        f"{p}: {size} bytes, manifest says {want} (truncated or overwritten); "
+                        f"{repack}"
+                    )
+            if verify == "sha256":
+                for p, key in ((bpath, "sha256_bin"), (ipath, "sha256_idx")):
+                    actual = _sha256_file(p)
+                    if actual != f[key]:
+                        raise ShardError(
+                            f"{p}: sha256 mismatch (expected {f[key]}, actual {actual}); the file "
+                            f"is corrupt; {repack}"
+                        )
+            idx = np.fromfile(ipath, dtype=_IDX_DTYPE)
+            if idx[0] != 0 or idx[-1] != n_tokens or np.any(np.diff(idx) <= 0):
+                raise ShardError(
+                    f"{ipath}: document offsets must rise strictly from 0 to {n_tokens}; {repack}"
+                )
+            # np.memmap cannot map an empty file; documents are non-empty, so only n_docs=0 is.
+            tokens = (
+                np.memmap(bpath, dtype=dtype, mode="r", shape=(n_tokens,))
+                if n_tokens
+                else np.zeros(0, dtype=dtype)
+            )
+            bins.append(tokens)
+            idxs.append(idx)
+        return cls(root, manifest, split, bins, idxs)
+
+    def _check_range(self, start: int, length: int) -> None:
+        if start < 0 or length < 0 or start + length > self.n_tokens:
+            raise IndexError(
+                f"{self.path} [{self.split}]: range [{start}, {start + length}) outside the "
+                f"stream of {self.n_tokens} tokens"
+            )
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the split's stream as int64 (may cross files).
+
+        Raises:
+            IndexError: the range is not inside [0, n_tokens).
+        """
+        self._check_range(start, length)
+        out = np.empty(length, dtype=np.int64)
+        pos, end = start, start + length
+        f = int(np.searchsorted(self._tok_starts, start, side="right")) - 1
+        while pos < end:
+            local = pos - int(self._tok_starts[f])
+            take = min(end - pos, self._bins[f].size - local)
+            out[pos - start : pos - start + take] = self._bins[f][local : local + take]
+            pos += take
+            f += 1
+        return out
+
+    def doc_index(self, start: int, length: int) -> np.ndarray:
+        """Global document index (int64) of each token in ``[start, start + length)``.
+
+        Raises:
+            IndexError: the range is not inside [0, n_tokens).
+        """
+        self._check_range(start, length)
+        out = np.empty(length, dtype=np.int64)
+        pos, end = start, start + length
+        f = int(np.searchsorted(self._tok_starts, start, side="right")) - 1
+        while pos < end:
+            local = pos - int(self._tok_starts[f])
+            take = min(end - pos, self._bins[f].size - local)
+            positions = np.arange(local, local + take, dtype=np.int64)
+            doc = np.searchsorted(self._idxs[f], positions, side="right") - 1
+            out[pos - start : pos - start + take] = doc + self._doc_starts[f]
+            pos += take
+            f += 1
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardSet({str(self.path)!r}, split={self.split!r}, n_tokens={self.n_tokens}, "
+            f"n_docs={self.n_docs}, vocab_size={self.vocab_size})"
+        )

@@ -1,0 +1,56 @@
+"""Training FLOPs per token and accelerator peak FLOP/s, for MFU."""
+
+from __future__ import annotations
+
+import torch
+
+from kfm.config import ModelConfig
+from kfm.model.transformer import ffn_hidden_dim
+
+# Peak dense (no 2:4 sparsity) FLOP/s per GPU from NVIDIA's datasheets: bf16 on tensor cores and
+# plain fp32 (not TF32). Matched by substring of torch.cuda.get_device_name, first match wins, so
+# the PCIe H100 (lower clocks) is listed before the SXM entry.
+_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("B200", {"bf16": 2250e12, "fp32": 80e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp32": 51.2e12}),
+    ("H100", {"bf16": 989.4e12, "fp32": 66.9e12}),
+    ("A100", {"bf16": 312e12, "fp32": 19.5e12}),
+]
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of a sequence of seq_len tokens.
+
+    = 6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len, where N_matmul counts every
+    weight used in a matmul (wq, wk, wv, wo, w1, w2, w3 and the output projection, also when it
+    is tied) but not the embedding lookup: 2 FLOPs per weight per token forward, 4 backward.
+    The second term is QK^T and AV over the full T x T score matrix (4 * T * n_heads * head_dim
+    per token per layer forward, twice that backward). This is exactly what
+    torch.utils.flop_counter.FlopCounterMode reports for SDPA (it ignores is_causal). Causal
+    masking halves the useful attention work (block-causal document masking removes more);
+    MFU conventionally still uses this full count. Norms, softmax and elementwise ops are not
+    counted (FlopCounterMode does not count them either).
+    """
+    head_dim = cfg.d_model // cfg.n_heads
+    n_kv_heads = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
+    attn_params = 2 * cfg.d_model * cfg.n_heads * head_dim + 2 * cfg.d_model * n_kv_heads * head_dim
+    ffn_params = 3 * cfg.d_model * ffn_hidden_dim(cfg)
+    matmul_params = cfg.n_layers * (attn_params + ffn_params) + cfg.vocab_size * cfg.d_model
+    attn_scores = 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
+    return float(6 * matmul_params + attn_scores)
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """Peak dense FLOP/s of one device for dtype "bf16" or "fp32"; None if unknown (e.g. CPU).
+
+    Raises ValueError for another dtype name.
+    """
+    if dtype not in ("bf16", "fp32"):
+        raise ValueError(f"peak_flops dtype must be 'bf16' or 'fp32', got {dtype!r}")
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in _PEAK_FLOPS:
+        if key in name:
+            return peaks[dtype]
+    return None

@@ -1,0 +1,209 @@
+"""A Llama-style decoder: RMSNorm pre-norm blocks, RoPE, grouped-query attention, SwiGLU.
+
+Single-device code. Parameter names are frozen: the Hugging Face exporter maps them 1:1 to
+LlamaForCausalLM / Qwen3ForCausalLM (qk_norm).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from kfm.config import ModelConfig
+from kfm.model.attention import AttentionMask, attention, build_attention_mask
+from kfm.model.rope import apply_rope, rope_tables
+
+
+def ffn_hidden_dim(cfg: ModelConfig) -> int:
+    """SwiGLU hidden width: cfg.ffn_hidden, or 8/3 * d_model rounded up to cfg.ffn_multiple_of."""
+    if cfg.ffn_hidden is not None:
+        return cfg.ffn_hidden
+    hidden = int(8 * cfg.d_model / 3)
+    return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, in fp32, cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with optional per-head q/k RMSNorm (applied before RoPE)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.d_model // cfg.n_heads
+        n_kv_heads = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.normal_(linear.weight, mean=0.0, std=std)
+        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        batch, seq_len, _ = x.shape
+        # -1 heads: the count comes from the (possibly tensor-parallel sharded) weight, not cfg.
+        q = self.wq(x).view(batch, seq_len, -1, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(batch, seq_len, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, mask)  # (B, T, n_heads, head_dim)
+        return self.wo(out.reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.d_model, ffn_hidden_dim(cfg))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(std, out_std)
+        self.feed_forward.init_weights(std, out_std)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model configured by `ModelConfig`; see `forward` for the masking."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # A ModuleDict keyed "0".."L-1" keeps the names layers.{i} stable when a pipeline stage
+        # deletes the blocks it does not own.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Non-persistent fp32 tables: not in the state_dict, recomputed by init_weights (so a model
+        # built on the meta device and materialised with to_empty gets valid tables).
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter and the RoPE tables in place, on their current device.
+
+        normal(0, init_std) for the embedding and every Linear weight, except the residual
+        output projections attention.wo and feed_forward.w2: normal(0, init_std / sqrt(2 *
+        n_layers)), so the residual stream's variance does not grow with depth. RMSNorm weights
+        are 1. Deterministic given torch.manual_seed.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for block in self.layers.values():
+            block.init_weights(std, out_std)
+        self.norm.reset_parameters()
+        if self.output.weight is not self.tok_embeddings.weight:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+        cos, sin = rope_tables(
+            self.cfg.d_model // self.cfg.n_heads,
+            self.cfg.max_seq_len,
+            self.cfg.rope_theta,
+            device=self.rope_cos.device,
+        )
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        """Return logits (B, T, vocab_size) for tokens (B, T), in the dtype autocast gives.
+
+        doc_ids (B, T), a per-sequence document index non-decreasing along T, makes attention
+        block-causal when cfg.document_masking is True (a token sees only earlier-or-same
+        positions of its own document); otherwise attention is plain causal. RoPE positions
+        run 0..T-1 over the whole packed sequence and are NOT reset per document: the mask
+        already isolates documents, and attention scores depend only on relative positions, so
+        a reset would change nothing inside a document while costing a per-token position gather.
+        Raises ValueError if T > cfg.max_seq_len or doc_ids has a different shape than tokens.
+        """
+        batch, seq_len = tokens.shape
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len} "
+                "(raise --model.max_seq_len or shorten --data.seq_len)"
+            )
+        if not self.cfg.document_masking:
+            doc_ids = None
+        if doc_ids is not None and doc_ids.shape != tokens.shape:
+            raise ValueError(
+                f"doc_ids shape {tuple(doc_ids.shape)} != tokens {tuple(tokens.shape)}"
+            )
+        mask = build_attention_mask(
+            self.cfg.attn_backend, doc_ids, batch=batch, seq_len=seq_len, device=tokens.device
+        )
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]  # (T, head_dim)
+        h = self.tok_embeddings(tokens)  # (B, T, d_model)
+        for block in self.layers.values():
+            h = block(h, cos, sin, mask)
+        return self.output(self.norm(h))  # (B, T, vocab_size)
+
+    def num_params(self, *, exclude_embeddings: bool = False) -> int:
+        """Count parameters, tied weights once.
+
+        exclude_embeddings drops the input embedding table (the usual "non-embedding" count); with
+        tied embeddings this also drops the output projection, which is the same tensor.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total

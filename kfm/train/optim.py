@@ -1,0 +1,167 @@
+"""AdamW with decay / no-decay parameter groups, and the learning-rate schedules.
+
+The schedule is a pure function of the optimizer step (`lr_at`), so the test, the logger and the
+scheduler all compute the same number; `build_scheduler` wraps it in a `LambdaLR` whose state
+(`last_epoch`, `base_lrs`) round-trips through a checkpoint while the shape of the schedule always
+comes from the current config (resuming with more `train.steps` stretches the tail, as intended).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from kfm.config import OptimConfig, ScheduleConfig
+
+EMBEDDING_SUFFIX = "tok_embeddings.weight"
+"""Parameters whose name ends with this are embeddings: never weight-decayed."""
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def _is_cuda(param: torch.Tensor) -> bool:
+    # DTensor parameters (FSDP2) report the device of their local shard, so this holds for them too.
+    return param.device.type == "cuda"
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Build AdamW with two parameter groups, named "decay" and "no_decay".
+
+    Decay: every trainable parameter with ``ndim >= 2`` except the token embedding (any name ending
+    in ``tok_embeddings.weight``). A tied output projection is the same tensor as the embedding, so
+    it is found by identity and lands in no_decay once. No decay: norms, biases, other 1-D
+    parameters and the embedding. Each group carries ``"name"`` for logging; empty groups are left
+    out.
+
+    Kernel (``cfg.impl``): auto picks ``fused=True`` when every parameter is on CUDA, otherwise
+    ``foreach=True``; "fused", "foreach" and "for-loop" force one (torch raises if the fused kernel
+    does not support the device).
+
+    Raises:
+        ValueError: no trainable parameters, ``optim.betas`` is not two numbers, or an unknown
+            ``optim.impl``.
+    """
+    if len(cfg.betas) != 2:
+        raise ValueError(
+            f"optim.betas={cfg.betas!r} must be two numbers (beta1, beta2), e.g. --optim.betas=[0.9,0.95]"
+        )
+    # remove_duplicate=False so a tied tensor is recognised as the embedding whatever name
+    # named_parameters() would have kept for it.
+    embedding_ids = {
+        id(p)
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if name.endswith(EMBEDDING_SUFFIX)
+    }
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():  # deduplicated: a tied tensor appears once
+        if not param.requires_grad:
+            continue
+        if param.ndim >= 2 and id(param) not in embedding_ids:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    if not decay and not no_decay:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters to optimise")
+
+    groups = [
+        {"params": params, "name": name, "weight_decay": wd}
+        for name, params, wd in (("decay", decay, cfg.weight_decay), ("no_decay", no_decay, 0.0))
+        if params
+    ]
+    kernel: dict[str, bool] = {}
+    if cfg.impl == "auto":
+        all_cuda = all(_is_cuda(p) for p in decay + no_decay)
+        kernel = {"fused": True} if all_cuda else {"foreach": True}
+    elif cfg.impl == "fused":
+        kernel = {"fused": True}
+    elif cfg.impl == "foreach":
+        kernel = {"foreach": True}
+    elif cfg.impl == "for-loop":
+        kernel = {"foreach": False, "fused": False}
+    else:
+        raise ValueError(
+            f"optim.impl={cfg.impl!r} is not one of auto, fused, foreach, for-loop "
+            "(set --optim.impl=auto)"
+        )
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(float(cfg.betas[0]), float(cfg.betas[1])),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        **kernel,
+    )
+
+
+def lr_at(step: int, *, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> float:
+    """Learning rate for the update that follows ``step`` optimizer steps already taken.
+
+    Warm-up (all schedules): ``peak_lr * (step + 1) / warmup_steps`` for ``step < warmup_steps``,
+    so the first update (step 0) is not zero and step ``warmup_steps - 1`` reaches the peak.
+    After warm-up:
+
+    - cosine: from ``peak_lr`` down to ``peak_lr * min_lr_ratio`` at ``total_steps``;
+    - wsd: ``peak_lr`` until ``round(total_steps * (1 - decay_fraction))`` (never before the end
+      of warm-up), then linear down to ``peak_lr * min_lr_ratio`` at ``total_steps``;
+    - constant: ``peak_lr``.
+
+    Steps past ``total_steps`` stay at the final value. Units are those of ``peak_lr``.
+
+    Raises:
+        ValueError: negative ``step``, ``total_steps < 1`` or an unknown ``schedule.name``.
+    """
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1 (set --train.steps)")
+    if cfg.name not in SCHEDULES:
+        raise ValueError(
+            f"schedule.name={cfg.name!r} is not one of {', '.join(SCHEDULES)} "
+            "(set --schedule.name=cosine)"
+        )
+    warmup = max(0, cfg.warmup_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+
+    min_lr = peak_lr * cfg.min_lr_ratio
+    if cfg.name == "constant":
+        return peak_lr
+    if cfg.name == "cosine":
+        span = max(1, total_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # wsd
+    decay_start = max(warmup, round(total_steps * (1.0 - cfg.decay_fraction)))
+    if step < decay_start or decay_start >= total_steps:
+        return peak_lr
+    progress = min(1.0, (step - decay_start) / (total_steps - decay_start))
+    return peak_lr + (min_lr - peak_lr) * progress
+
+
+def _lr_multiplier(step: int, *, total_steps: int, cfg: ScheduleConfig) -> float:
+    # lr_at is linear in peak_lr, so the multiplier is the schedule at peak 1.
+    return lr_at(step, total_steps=total_steps, peak_lr=1.0, cfg=cfg)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, total_steps: int
+) -> LambdaLR:
+    """Wrap ``optimizer`` in a LambdaLR whose multiplier is ``lr_at(step) / peak``.
+
+    Every param group's ``lr`` at construction is its peak. Call ``scheduler.step()`` once after
+    each ``optimizer.step()``; ``last_epoch`` then equals the number of optimizer steps taken.
+    The multiplier is a ``functools.partial``: LambdaLR saves only its (empty) ``__dict__``, so
+    ``state_dict()``/``load_state_dict()`` round-trip and the schedule's shape is always the
+    current config's. Build the scheduler before loading a checkpoint's optimizer state.
+
+    Raises:
+        ValueError: ``total_steps < 1`` or an unknown ``schedule.name`` (checked eagerly).
+    """
+    lr_at(0, total_steps=total_steps, peak_lr=1.0, cfg=cfg)  # fail here, not at the first step
+    multiplier = functools.partial(_lr_multiplier, total_steps=total_steps, cfg=cfg)
+    return LambdaLR(optimizer, lr_lambda=multiplier)

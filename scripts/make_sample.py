@@ -1,0 +1,377 @@
+"""Build the bundled sample corpus under data/sample/ from /work/shared/data.
+
+Re-runnable and deterministic: fixed selection order, sorted keys, gzip with mtime=0, so running it
+twice gives byte-identical files. Only permissively licensed sets are used (CC BY, CC0/public
+domain, MIT, CC BY-SA); non-commercial text (OpenStax), unlicensed text (OHSUMED) and every
+evaluation set (PubMedQA, MedQA, MedMCQA, MMLU) are deliberately left out.
+
+Usage:
+    python scripts/make_sample.py [--src /work/shared/data] [--out data/sample]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+# Budgets in UTF-8 bytes of document text. English totals ~3 MB; Korean takes (nearly) all the
+# Korean the permissive sets offer (~3.2 MB, ~1.3 M characters), because it is scarce.
+MEDQUAD_BYTES = 1_300_000
+PLOS_BYTES = 1_000_000
+CRAFT_BYTES = 800_000
+# Short sentences or chat pairs are grouped so a document is a paragraph, not a one-liner.
+PAIRS_PER_DOC = 20
+SENTENCES_PER_DOC = 20
+LIC_SA = "CC-BY-SA-4.0"
+
+SOURCES = {
+    "medquad": {
+        "repo": "https://github.com/abachaa/MedQuAD",
+        "commit": "577bd37b96c02d1833b2c9eed2de9f96964e96cb",
+        "license": "CC BY 4.0",
+        "cite": (
+            'Asma Ben Abacha and Dina Demner-Fushman, "A Question-Entailment Approach to '
+            'Question Answering", BMC Bioinformatics 20, 511 (2019). MedQuAD is published '
+            "under a Creative Commons Attribution 4.0 International Licence (CC BY)."
+        ),
+    },
+    "plos": {
+        "repo": "https://github.com/PLOS/allofplos (starter_corpus)",
+        "commit": "07fdeed848b2816a7fbf7da6418ef6e2076e1960",
+        "license": "per article: CC BY (2.5/3.0/4.0) or CC0; see each record's license_text",
+        "cite": (
+            "Articles published by the Public Library of Science (PLOS); each record keeps its "
+            "title, DOI, journal and the article's own license statement (license_text)."
+        ),
+    },
+    "craft": {
+        "repo": "https://github.com/UCDenver-ccp/CRAFT (articles/txt)",
+        "commit": "2abe82b8bb8089448b84937d5f61d8c218011322",
+        "license": "per article (PMC open access): CC BY, PLoS OA license, or public domain",
+        "cite": (
+            "Article texts from the CRAFT corpus (Colorado Richly Annotated Full-Text corpus, "
+            "Bada et al., BMC Bioinformatics 2012); each record keeps the article's verbatim "
+            "copyright notice (copyright_notice) and license_class."
+        ),
+    },
+    "ko_chatbot": {
+        "repo": "https://github.com/songys/Chatbot_data",
+        "commit": "4cf20d13fc46f5037fd1c531cd566e2dd9f72974",
+        "license": "MIT",
+        "cite": "Chatbot_data by GitHub user songys (Copyright (c) 2018), MIT License; see licenses/.",
+    },
+    "klue": {
+        "repo": "https://github.com/KLUE-benchmark/KLUE",
+        "commit": "3efd98708a40ff49251fddde35453f8fbb11f536",
+        "license": "CC BY-SA 4.0",
+        "cite": (
+            'Sungjoon Park et al., "KLUE: Korean Language Understanding Evaluation", NeurIPS '
+            "Datasets and Benchmarks 2021. Licensed CC BY-SA 4.0; license text in licenses/."
+        ),
+    },
+    "kornlu": {
+        "repo": "https://github.com/kakaobrain/KorNLUDatasets",
+        "commit": "0df0fe7d496eb61b092e022e238c2230b29f1cbc",
+        "license": "CC BY-SA 4.0",
+        "cite": (
+            'Jiyeon Ham et al., "KorNLI and KorSTS: New Benchmark Datasets for Korean Natural '
+            'Language Understanding", Findings of EMNLP 2020 (Kakao Brain). Licensed CC BY-SA '
+            "4.0; license text in licenses/."
+        ),
+    },
+}
+
+
+def _read_jsonl_gz(path: Path) -> Iterator[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _nbytes(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _take_until(records: Iterable[dict], budget: int) -> list[dict]:
+    """First records (in the given order) until their text reaches `budget` bytes."""
+    out, used = [], 0
+    for r in records:
+        if used >= budget:
+            break
+        out.append(r)
+        used += _nbytes(r["text"])
+    return out
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    """Non-empty stripped strings, first occurrence kept, original order."""
+    seen: set[str] = set()
+    out = []
+    for s in items:
+        s = s.strip()
+        if s and s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def _group(lines: list[str], size: int) -> list[str]:
+    return ["\n".join(lines[i : i + size]) for i in range(0, len(lines), size)]
+
+
+def medquad(src: Path) -> tuple[list[dict], str]:
+    rows = [r for r in _read_jsonl_gz(src / "medquad/medquad.jsonl.gz") if r["answer"].strip()]
+    # A fixed stride over the file order spreads the budget over all nine answered collections.
+    total = sum(_nbytes(r["question"]) + _nbytes(r["answer"]) + 1 for r in rows)
+    stride = max(1, -(-total // MEDQUAD_BYTES))  # ceil, so the stride reaches the last collection
+    docs = [
+        {
+            "id": f"medquad/{r['collection']}/{r['qid']}",
+            "text": r["question"] + "\n" + r["answer"],
+            "source": "medquad",
+            "license": "CC-BY-4.0",
+            "url": r["url"],
+            "focus": r["focus"],
+            "qtype": r["qtype"],
+        }
+        for r in rows[::stride]
+    ]
+    return docs, (
+        f"Only QA pairs with a non-empty answer ({len(rows)}); every {stride}th in file order "
+        f"(~{MEDQUAD_BYTES // 1000} kB). text = question + newline + answer (wording "
+        "unchanged); url, focus and qtype kept as fields."
+    )
+
+
+def _plos_license(r: dict) -> str:
+    url = (r.get("license_url") or "").lower()
+    text = (r.get("license_text") or "").lower()
+    if "publicdomain/zero" in url or "free of all copyright" in text or "cc0" in text:
+        return "CC0-1.0"
+    if "public domain declaration" in text:
+        return "public-domain"
+    if "creative commons attribution" in text or "/licenses/by/" in url:
+        return "CC-BY"
+    raise SystemExit(f"make_sample: PLOS article {r['id']} has an unrecognised license; check it")
+
+
+def plos(src: Path) -> tuple[list[dict], str]:
+    docs = []
+    for r in _read_jsonl_gz(src / "plos_starter_corpus/plos_starter_corpus.jsonl.gz"):
+        parts = [p.strip() for p in (r["title"], r["abstract"], r["text"]) if p and p.strip()]
+        docs.append(
+            {
+                "id": f"plos/{r['id']}",
+                "text": "\n\n".join(parts),
+                "source": "plos_starter_corpus",
+                "license": _plos_license(r),
+                "license_text": r["license_text"],
+                "license_url": r["license_url"],
+                "title": r["title"],
+                "doi": r["doi"],
+                "journal": r["journal"],
+            }
+        )
+    docs = _take_until(docs, PLOS_BYTES)
+    return docs, (
+        f"First {len(docs)} articles in corpus order until ~{PLOS_BYTES // 1000} kB. text = "
+        "title, abstract and body joined by blank lines (wording unchanged); license_text, "
+        "license_url, title, doi, journal kept as fields."
+    )
+
+
+# BMC-OA articles allow verbatim redistribution only; a training sample is better kept to
+# licenses that allow reuse outright, so only these classes are taken.
+CRAFT_CLASSES = ("CC-BY", "PLoS-OA-license (CC-BY-equivalent)", "public-domain")
+
+
+def craft(src: Path) -> tuple[list[dict], str]:
+    docs = [
+        {
+            "id": f"craft/{r['pmid']}",
+            "text": r["text"],
+            "source": "craft_fulltext",
+            "license": r["license_class"],
+            "license_class": r["license_class"],
+            "copyright_notice": r["copyright_notice"],
+            "pmid": r["pmid"],
+        }
+        for r in _read_jsonl_gz(src / "craft_fulltext/craft_fulltext.jsonl.gz")
+        if r["license_class"] in CRAFT_CLASSES
+    ]
+    docs = _take_until(docs, CRAFT_BYTES)
+    return docs, (
+        f"First {len(docs)} articles in corpus order whose license_class is one of "
+        f"{', '.join(CRAFT_CLASSES)} (BMC verbatim-only articles left out) until "
+        f"~{CRAFT_BYTES // 1000} kB. text verbatim; copyright_notice and license_class kept."
+    )
+
+
+def ko_chatbot(src: Path) -> tuple[list[dict], str]:
+    with open(src / "korean_chatbot_data/ChatbotData.csv", encoding="utf-8", newline="") as f:
+        pairs = [f"{r['Q'].strip()}\n{r['A'].strip()}" for r in csv.DictReader(f)]
+    docs = [
+        {"id": f"ko_chatbot/{i:05d}", "text": t, "source": "korean_chatbot_data", "license": "MIT"}
+        for i, t in enumerate(_group(pairs, PAIRS_PER_DOC))
+    ]
+    return docs, (
+        f"All {len(pairs)} Q/A pairs in file order, grouped {PAIRS_PER_DOC} pairs per document "
+        "(question line, answer line); labels dropped."
+    )
+
+
+def klue(src: Path) -> tuple[list[dict], str]:
+    nli = json.loads((src / "klue_dev/klue-nli-v1.1_dev.json").read_text(encoding="utf-8"))
+    sts = json.loads((src / "klue_dev/klue-sts-v1.1_dev.json").read_text(encoding="utf-8"))
+    docs = []
+    for task, sents in (
+        ("nli", _unique(s for r in nli for s in (r["premise"], r["hypothesis"]))),
+        ("sts", _unique(s for r in sts for s in (r["sentence1"], r["sentence2"]))),
+    ):
+        for i, t in enumerate(_group(sents, SENTENCES_PER_DOC)):
+            docs.append(
+                {"id": f"klue/{task}/{i:04d}", "text": t, "source": "klue_dev", "license": LIC_SA}
+            )
+    return docs, (
+        "KLUE NLI dev premises and hypotheses, and KLUE STS dev sentence1/sentence2, "
+        f"deduplicated (first occurrence kept), grouped {SENTENCES_PER_DOC} sentences per "
+        "document one per line; labels dropped. NER/DP dev not used."
+    )
+
+
+def _tsv_columns(path: Path, cols: tuple[int, ...]) -> Iterator[str]:
+    # The files hold unescaped double quotes, so csv quoting must be off.
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)  # header
+        for row in reader:
+            if len(row) > max(cols):
+                yield from (row[c] for c in cols)
+
+
+def kornlu(src: Path) -> tuple[list[dict], str]:
+    d = src / "kornlu"
+    xnli = _unique(
+        s
+        for name in ("xnli.dev.ko.tsv", "xnli.test.ko.tsv")
+        for s in _tsv_columns(d / name, (0, 1))
+    )
+    sts = _unique(
+        s
+        for name in ("sts-train.tsv", "sts-dev.tsv", "sts-test.tsv")
+        for s in _tsv_columns(d / name, (5, 6))
+    )
+    docs = []
+    for task, sents in (("xnli", xnli), ("korsts", sts)):
+        for i, t in enumerate(_group(sents, SENTENCES_PER_DOC)):
+            docs.append(
+                {"id": f"kornlu/{task}/{i:04d}", "text": t, "source": "kornlu", "license": LIC_SA}
+            )
+    return docs, (
+        "XNLI-ko dev+test sentence1/sentence2 and KorSTS train+dev+test sentence1/sentence2, "
+        f"deduplicated (first occurrence kept), grouped {SENTENCES_PER_DOC} sentences per "
+        "document one per line; labels and metadata dropped."
+    )
+
+
+BUILDERS = {
+    "medquad": medquad,
+    "plos": plos,
+    "craft": craft,
+    "ko_chatbot": ko_chatbot,
+    "klue": klue,
+    "kornlu": kornlu,
+}
+LICENSE_FILES = {
+    # source file (relative to --src) -> name under data/sample/licenses/
+    "korean_chatbot_data/LICENSE": "Chatbot_data-MIT-LICENSE.txt",
+    "klue_dev/License.md": "KLUE-CC-BY-SA-4.0-License.md",
+    "kornlu/LICENSE": "KorNLUDatasets-CC-BY-SA-4.0-LICENSE.txt",
+}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary repository files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonl_gz(docs: list[dict]) -> bytes:
+    raw = "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs)
+    buf = io.BytesIO()
+    # mtime=0 and no file name in the header keep the output byte-identical across runs.
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
+        gz.write(raw.encode("utf-8"))
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "data/sample")
+    args = parser.parse_args(argv)
+    for rel in ("medquad/SOURCE.md", "kornlu/SOURCE.md"):
+        if not (args.src / rel).is_file():
+            raise SystemExit(f"make_sample: {args.src / rel} not found; pass --src DIR")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "licenses").mkdir(exist_ok=True)
+
+    rows = []
+    sections = []
+    for name, build in BUILDERS.items():
+        docs, changes = build(args.src)
+        file = f"{name}.jsonl.gz"
+        _atomic_write(args.out / file, _jsonl_gz(docs))
+        n_chars = sum(len(d["text"]) for d in docs)
+        n_bytes = sum(_nbytes(d["text"]) for d in docs)
+        rows.append(
+            f"| {file} | {len(docs)} | {n_chars:,} | {n_bytes:,} | {SOURCES[name]['license']} |"
+        )
+        s = SOURCES[name]
+        sections.append(
+            f"## {file}\n\n- Source repository: {s['repo']}\n- Commit: {s['commit']}\n"
+            f"- License: {s['license']}\n- Attribution: {s['cite']}\n- Changes: {changes}\n"
+        )
+        print(f"{file}: {len(docs)} docs, {n_chars:,} chars, {n_bytes:,} bytes")
+    for rel, dst in LICENSE_FILES.items():
+        _atomic_write(args.out / "licenses" / dst, (args.src / rel).read_bytes())
+
+    md = (
+        "# data/sample: licenses and provenance\n\n"
+        "Made by `python scripts/make_sample.py` (deterministic; re-run to rebuild). Each file is "
+        "gzip JSONL, one document per line with at least `id`, `text`, `source`, `license`.\n"
+        "Text wording is never changed; only selection, joining and grouping as listed below.\n"
+        "Left out on purpose: non-commercial sets (OpenStax), sets without a license (OHSUMED), "
+        "medical_abstracts_tc, and every evaluation set (PubMedQA, MedQA, MedMCQA, MMLU).\n\n"
+        "| file | documents | characters | UTF-8 bytes | license |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n\nLicense texts required by MIT and CC BY-SA are copied byte-for-byte in "
+        "`licenses/`. The CC BY-SA 4.0 parts (klue, kornlu) stay under CC BY-SA 4.0.\n\n"
+        + "\n".join(sections)
+    )
+    _atomic_write(args.out / "LICENSES.md", md.encode("utf-8"))
+    # Not under the script's control, so a stale copy from an older layout is removed loudly.
+    for p in sorted(args.out.glob("*.jsonl.gz")):
+        if p.name.removesuffix(".jsonl.gz") not in BUILDERS:
+            print(f"removing stale {p}")
+            p.unlink()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install kfm into it. Sourced by quickstart.sh and test.sh.
+#   KFM_VENV   venv directory (default: .venv in the repo)
+#   KFM_EXTRAS extras to install (default: dev)
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${KFM_VENV:-$repo/.venv}"
+extras="${KFM_EXTRAS:-dev}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtual environment $venv"
+  "$python" -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+stamp="$venv/.kfm-installed"
+if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
+  echo "[setup] installing torch 2.13.0 (CPU wheel) and kfm[$extras]"
+  python -m pip install -q --upgrade pip
+  # torch first and pinned: a bare `torch` requirement could resolve to a multi-GB CUDA build.
+  # On a GPU machine, install the CUDA torch of your cluster first; this line then keeps it
+  # only if it is 2.13.0, so set KFM_SKIP_TORCH=1 there.
+  if [ -z "${KFM_SKIP_TORCH:-}" ]; then
+    python -m pip install -q "torch==2.13.0"
+  fi
+  python -m pip install -q -e "$repo[$extras]"
+  touch "$stamp"
+fi

@@ -1,0 +1,84 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kfm.config import Config, ConfigError, load_config, parse_overrides, to_dict
+from kfm.config import schema
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["--optim.lr=3e-4", "--model.n_kv_heads", "2"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.n_kv_heads == 2
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_config(path) == cfg
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*'optim.lr'"):
+        load_config(None, ["--optim.lrr=1e-3"])
+    preset = tmp_path / "p.yaml"
+    preset.write_text("modle:\n  d_model: 64\n")
+    with pytest.raises(ConfigError, match=r"p.yaml.*unknown config key 'modle'.*'model'"):
+        load_config(preset)
+
+
+def test_wrong_type_names_key_value_and_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.steps='many'.*expected int, got str"):
+        load_config(None, ["--train.steps=many"])
+    with pytest.raises(ConfigError, match=r"model.qk_norm=1.*expected bool"):
+        load_config(None, ["--model.qk_norm=1"])
+    with pytest.raises(ConfigError, match=r"train.dtype='fp16' is not one of 'fp32' \| 'bf16'"):
+        load_config(None, ["--train.dtype=fp16"])
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data:\n  sources:\n    - name: a\n")  # path missing
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].*path"):
+        load_config(preset)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("model:\n  d_model: 64\n   n_layers: [2\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML in .*bad.yaml at line \d+"):
+        load_config(preset)
+    preset.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(preset)
+
+
+def test_cross_field_validation_names_the_flag():
+    with pytest.raises(ConfigError, match=r"--model.n_kv_heads to one of \[1, 2, 4\]"):
+        load_config(None, ["--model.n_kv_heads=3"])
+    with pytest.raises(ConfigError, match=r"--train.micro_batch_size"):
+        load_config(None, ["--train.global_batch_size=6", "--train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"data.seq_len"):
+        load_config(None, ["--data.seq_len=4096", "--model.max_seq_len=2048"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="section and a key"):
+        parse_overrides(["--lr=1"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--optim.lr"])
+
+
+def test_every_field_has_a_docstring_and_a_single_default():
+    """Defaults are declared once, each with a one-line docstring under it (STYLE.md)."""
+    source = (REPO / "kfm/config/schema.py").read_text()
+    for cls in (getattr(schema, n) for n in dir(schema)):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or cls is Config:
+            continue
+        for f in dataclasses.fields(cls):
+            line = next(ln for ln in source.splitlines() if ln.strip().startswith(f"{f.name}:"))
+            after = source.split(line, 1)[1].lstrip().splitlines()[0]
+            assert after.startswith('"""'), f"{cls.__name__}.{f.name} has no docstring"
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_load(preset):
+    load_config(preset)

@@ -1,0 +1,69 @@
+"""The public CLI surface is frozen here: adding or removing an option must be deliberate."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from kfm.cli import build_parser, main
+from tests.conftest import REPO
+
+SURFACE = {
+    "train": ["--dry-run", "config"],
+    "tokenizer train": ["--dry-run", "--overwrite", "config"],
+    "pack": ["--license", "--out", "--overwrite", "--shard-tokens", "--source-name",
+             "--text-field", "--tokenizer", "--val-fraction", "--workers", "inputs"],
+    "eval": ["--batches", "--data", "--tokenizer", "checkpoint"],
+    "export": ["--dtype", "--no-verify", "--overwrite", "--tokenizer", "checkpoint", "out_dir"],
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    names = []
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        names.append(max(a.option_strings, key=len) if a.option_strings else a.dest)
+    return sorted(names)
+
+
+def test_cli_surface_is_frozen():
+    top = _subparsers(build_parser())
+    found = {}
+    for name, p in top.items():
+        sub = _subparsers(p)
+        if sub:
+            found.update({f"{name} {s}": _options(sp) for s, sp in sub.items()})
+        else:
+            found[name] = _options(p)
+    assert found == SURFACE
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["tokenizer"], ["tokenizer", "train"],
+                                     ["pack"], ["eval"], ["export"]])
+def test_help_on_every_command(command):
+    out = subprocess.run([sys.executable, "-m", "kfm.cli", *command, "--help"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "usage: kfm" in out.stdout
+
+
+def test_dry_run_prints_config_and_param_count(capsys):
+    assert main(["train", str(REPO / "configs/quickstart.yaml"), "--dry-run",
+                 "--optim.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.001" in out and "parameters:" in out
+
+
+def test_config_errors_exit_2_with_message(capsys):
+    assert main(["train", str(REPO / "configs/tiny.yaml"), "--dry-run", "--optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
