@@ -121,6 +121,15 @@ def _dcp_load(state: dict[str, Any], directory: Path, *, no_dist: bool) -> None:
         dcp.load(state, storage_reader=FileSystemReader(directory), no_dist=no_dist)
 
 
+def _short_error(e: BaseException) -> str:
+    """One line per failing rank instead of DCP's full per-rank tracebacks."""
+    if isinstance(e, dcp.CheckpointException):
+        return "; ".join(
+            f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in e.failures.items()
+        )
+    return f"{type(e).__name__}: {e}"
+
+
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
@@ -496,9 +505,9 @@ def load_checkpoint(
         set_model_state_dict(model, state["model"])
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state["optim"])
-    except Exception as e:
+    except (Exception, dcp.CheckpointException) as e:
         raise CheckpointError(
-            f"checkpoint {path} does not fit this model/optimizer ({type(e).__name__}: {e}); "
+            f"checkpoint {path} does not fit this model/optimizer ({_short_error(e)}); "
             f"{_RESUME_HINT}"
         ) from e
 
@@ -546,6 +555,6 @@ def load_model_state(
         raise CheckpointError(f"{path / _DCP_METADATA} holds no model state")
     try:
         _dcp_load({"model": model_state}, path, no_dist=True)
-    except Exception as e:
-        raise CheckpointError(f"reading the model state of {path} failed: {e}") from e
+    except (Exception, dcp.CheckpointException) as e:
+        raise CheckpointError(f"reading the model state of {path} failed: {_short_error(e)}") from e
     return model_state, manifest.get("config", {})

@@ -1,12 +1,8 @@
 """Causal and block-causal (document-masked) attention over three kernels: sdpa, flex, flash.
 
-One mask definition (`document_causal_mask_mod`) is the source of truth; the dense SDPA mask and
-the FlexAttention block mask are both built from it, and the flash-attn path derives per-document
-segments (cu_seqlens) from the same doc_ids. A mask is built once per forward
-(`build_attention_mask`) and shared by every layer.
-
-Head counts are read from the q/k/v shapes, never from the config, so tensor parallelism can shard
-heads without touching this file.
+`document_causal_mask_mod` is the one mask definition: the dense SDPA mask and the flex block mask
+are built from it; flash derives document segments from the same doc_ids. Head counts come from
+the q/k/v shapes, never the config, so tensor parallelism can shard heads.
 """
 
 from __future__ import annotations
@@ -14,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,33 +56,29 @@ def dense_mask(doc_ids: Tensor) -> Tensor:
 
 
 @functools.cache
-def _compiled(fn: Callable) -> Callable:
-    # Eager FlexAttention materialises the full score matrix; only compiled code gets the fused
-    # kernel. Compiled lazily, once per process, and only on CUDA.
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=False)
+
+
+def _on_device(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    # Eager flex code materialises the full (T, T) score matrix; only compiled code gets the fused
+    # kernel. Compiled lazily, once per process, on CUDA only (CPU runs are forward-only tests).
+    return _compiled(fn) if device.type == "cuda" else fn
 
 
 @dataclass(slots=True)
 class AttentionMask:
-    """What one forward's attention layers need, built once by `build_attention_mask`."""
+    """Built once per forward by `build_attention_mask`, shared by every layer."""
 
-    backend: str
-    """Resolved kernel: "sdpa", "flex" or "flash"."""
-    dense: Tensor | None = None
-    """sdpa: (B, 1, T, T) bool mask; None means plain causal (is_causal=True)."""
-    block_mask: BlockMask | None = None
-    """flex: the block mask (causal or block-causal)."""
-    cu_seqlens: Tensor | None = None
-    """flash: int32 (n_docs + 1,) document starts in the flattened B*T tokens; None = causal."""
-    max_seqlen: int = 0
-    """flash: longest document, in tokens."""
+    backend: str  # resolved: "sdpa", "flex" or "flash"
+    dense: Tensor | None = None  # sdpa: (B, 1, T, T) bool; None = is_causal
+    block_mask: BlockMask | None = None  # flex
+    cu_seqlens: Tensor | None = None  # flash: (n_docs + 1,) int32; None = plain causal
+    max_seqlen: int = 0  # flash: longest document in tokens
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """Map cfg.attn_backend to a kernel: "auto" is flex on CUDA and sdpa elsewhere.
-
-    Raises ValueError for an unknown name.
-    """
+    """Map cfg.attn_backend to a kernel ("auto": flex on CUDA, else sdpa); ValueError if unknown."""
     if name not in BACKENDS:
         raise ValueError(
             f"model.attn_backend={name!r} is not one of {BACKENDS} (set --model.attn_backend)"
@@ -108,12 +101,9 @@ def _check_flash(device: torch.device) -> None:
 
 
 def cu_seqlens_from_doc_ids(doc_ids: Tensor) -> tuple[Tensor, int]:
-    """Document boundaries of doc_ids (B, T) in flash-attn's varlen layout.
-
-    Returns (cu_seqlens, max_seqlen): int32 (n_docs + 1,) start offsets of every document in the
-    flattened B*T tokens followed by B*T, and the longest document's length in tokens. A document
-    starts at t == 0 of every row and wherever the id changes along t. Syncs the device once.
-    """
+    """Return (cu_seqlens, max_seqlen) of doc_ids (B, T) for flash-attn varlen: int32 start
+    offsets (n_docs + 1,) of every document in the flattened B*T tokens, then B*T; and the
+    longest document in tokens. Documents start at t == 0 and wherever the id changes."""
     batch, seq_len = doc_ids.shape
     starts = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -128,17 +118,16 @@ def cu_seqlens_from_doc_ids(doc_ids: Tensor) -> tuple[Tensor, int]:
 def build_attention_mask(
     backend: str, doc_ids: Tensor | None, *, batch: int, seq_len: int, device: torch.device
 ) -> AttentionMask:
-    """Build the mask state for one forward of `batch` sequences of `seq_len` tokens.
+    """Build the mask of one forward: block-causal from doc_ids (B, T), or causal if None.
 
-    doc_ids (B, T) selects block-causal attention; None selects plain causal attention.
-    backend is cfg.attn_backend ("auto" is resolved here from device).
-    Raises ImportError/RuntimeError for "flash" without flash-attn or off CUDA.
+    backend is cfg.attn_backend. Raises ImportError/RuntimeError for flash without flash-attn or
+    off CUDA.
     """
     backend = resolve_backend(backend, device)
     if backend == "sdpa":
         return AttentionMask("sdpa", dense=None if doc_ids is None else dense_mask(doc_ids))
     if backend == "flex":
-        make = _compiled(create_block_mask) if device.type == "cuda" else create_block_mask
+        make = _on_device(create_block_mask, device)
         if doc_ids is None:
             block_mask = make(_causal_mask_mod, None, None, seq_len, seq_len, device=device)
         else:
@@ -158,8 +147,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     q is (B, T, n_heads, head_dim); k and v are (B, T, n_kv_heads, head_dim) with n_kv_heads
     dividing n_heads (grouped-query attention). Returns (B, T, n_heads, head_dim).
     """
-    batch, seq_len, n_heads, head_dim = q.shape
-    n_kv_heads = k.shape[2]
+    n_heads, n_kv_heads = q.shape[2], k.shape[2]
     if mask.backend == "flash":
         return _flash(q, k, v, mask)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, n_heads or n_kv_heads, T, head_dim)
@@ -179,8 +167,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
                 "attn_backend='flex' has no backward on CPU (torch 2.13); use "
                 "--model.attn_backend=sdpa (or auto) to train on CPU, or run under torch.no_grad()"
             )
-        flex = _compiled(flex_attention) if q.device.type == "cuda" else flex_attention
-        out = flex(q, k, v, block_mask=mask.block_mask, enable_gqa=n_kv_heads != n_heads)
+        out = _on_device(flex_attention, q.device)(
+            q, k, v, block_mask=mask.block_mask, enable_gqa=n_kv_heads != n_heads
+        )
     else:
         raise ValueError(f"unknown attention backend {mask.backend!r}")
     return out.transpose(1, 2)  # (B, T, n_heads, head_dim)
@@ -197,15 +186,9 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         )
     if mask.cu_seqlens is None:
         return flash_attn_func(q, k, v, causal=True)  # GQA is native in flash-attn
-    batch, seq_len, n_heads, head_dim = q.shape
+    # Documents become separate varlen sequences: (B*T, heads, head_dim) plus their offsets.
+    cu, max_len = mask.cu_seqlens, mask.max_seqlen
     out = flash_attn_varlen_func(
-        q.reshape(batch * seq_len, n_heads, head_dim),  # (B*T, n_heads, head_dim)
-        k.reshape(batch * seq_len, -1, head_dim),  # (B*T, n_kv_heads, head_dim)
-        v.reshape(batch * seq_len, -1, head_dim),
-        cu_seqlens_q=mask.cu_seqlens,
-        cu_seqlens_k=mask.cu_seqlens,
-        max_seqlen_q=mask.max_seqlen,
-        max_seqlen_k=mask.max_seqlen,
-        causal=True,
+        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len, causal=True
     )
-    return out.view(batch, seq_len, n_heads, head_dim)
+    return out.view(q.shape)

@@ -1,7 +1,6 @@
 """A Llama-style decoder: RMSNorm pre-norm blocks, RoPE, grouped-query attention, SwiGLU.
 
-Single-device code. Parameter names are frozen: the Hugging Face exporter maps them 1:1 to
-LlamaForCausalLM / Qwen3ForCausalLM (qk_norm).
+Parameter names are frozen: the exporter maps them 1:1 to Llama/Qwen3ForCausalLM (qk_norm).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from torch import Tensor, nn
 
 from kfm.config import ModelConfig
 from kfm.model.attention import AttentionMask, attention, build_attention_mask
-from kfm.model.rope import apply_rope, rope_tables
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -24,6 +22,30 @@ def ffn_hidden_dim(cfg: ModelConfig) -> int:
     return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
 
 
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, *, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """Return fp32 (cos, sin) RoPE tables, each (max_seq_len, head_dim), for positions 0..max-1.
+
+    inv_freq[i] = 1 / theta^(2i / head_dim); both halves of head_dim share these frequencies, the
+    non-interleaved "rotate_half" layout of transformers' Llama, so q/k weights export as they are.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # (head_dim / 2,)
+    positions = torch.arange(max_seq_len, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(positions, inv_freq)  # (max_seq_len, head_dim / 2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, T, n_heads, head_dim) by position; cos/sin (T, head_dim) are cast to x.dtype."""
+    cos = cos.to(x.dtype)[None, :, None, :]  # (1, T, 1, head_dim)
+    sin = sin.to(x.dtype)[None, :, None, :]
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * weight over the last dim, in fp32, cast back to x's dtype."""
 
@@ -31,9 +53,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
@@ -58,14 +77,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            nn.init.normal_(linear.weight, mean=0.0, std=std)
-        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
-        for norm in (self.q_norm, self.k_norm):
-            if norm is not None:
-                norm.reset_parameters()
-
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
         batch, seq_len, _ = x.shape
         # -1 heads: the count comes from the (possibly tensor-parallel sharded) weight, not cfg.
@@ -88,11 +99,6 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
-
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
 
@@ -107,12 +113,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.d_model, ffn_hidden_dim(cfg))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std, out_std)
-        self.feed_forward.init_weights(std, out_std)
-
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -120,6 +120,9 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Decoder-only language model configured by `ModelConfig`; see `forward` for the masking."""
+
+    rope_cos: Tensor
+    rope_sin: Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -132,11 +135,11 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Non-persistent fp32 tables: not in the state_dict, recomputed by init_weights (so a model
-        # built on the meta device and materialised with to_empty gets valid tables).
-        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Non-persistent fp32 RoPE tables, (max_seq_len, head_dim): not in the state_dict, filled
+        # by init_weights (so meta-device construction + to_empty + init_weights works).
+        table = torch.empty(cfg.max_seq_len, cfg.d_model // cfg.n_heads)
+        self.register_buffer("rope_cos", table, persistent=False)
+        self.register_buffer("rope_sin", table.clone(), persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -150,20 +153,18 @@ class Transformer(nn.Module):
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
-        for block in self.layers.values():
-            block.init_weights(std, out_std)
-        self.norm.reset_parameters()
-        if self.output.weight is not self.tok_embeddings.weight:
-            nn.init.normal_(self.output.weight, mean=0.0, std=std)
-        cos, sin = rope_tables(
-            self.cfg.d_model // self.cfg.n_heads,
-            self.cfg.max_seq_len,
-            self.cfg.rope_theta,
-            device=self.rope_cos.device,
-        )
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        # named_parameters yields a tied output.weight once, as tok_embeddings.weight.
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(param, mean=0.0, std=out_std)
+            else:
+                nn.init.normal_(param, mean=0.0, std=std)
+        cfg = self.cfg
+        tables = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos.copy_(tables[0])
+        self.rope_sin.copy_(tables[1])
 
     def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         """Return logits (B, T, vocab_size) for tokens (B, T), in the dtype autocast gives.
@@ -198,11 +199,8 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, vocab_size)
 
     def num_params(self, *, exclude_embeddings: bool = False) -> int:
-        """Count parameters, tied weights once.
-
-        exclude_embeddings drops the input embedding table (the usual "non-embedding" count); with
-        tied embeddings this also drops the output projection, which is the same tensor.
-        """
+        """Count parameters, tied weights once; exclude_embeddings drops the input embedding table
+        (with tied embeddings that is also the output projection, the same tensor)."""
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             total -= self.tok_embeddings.weight.numel()

@@ -134,16 +134,6 @@ def train_step(model, optimizer, scheduler, loader, cfg: Config, device, accum: 
     return StepResult(loss=loss_sum / accum, grad_norm=grad_norm)
 
 
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def find_resume_point(cfg: Config, ckpt_root: Path) -> Path | None:
     if cfg.checkpoint.resume == "never":
         return None
@@ -182,8 +172,7 @@ def train(cfg: Config) -> dict[str, Any]:
         state = load_checkpoint(resume_from, model=model, optimizer=optimizer, config=to_dict(cfg))
         start_step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        loader.load_state_dict(state["loader"])  # RNG states were restored by load_checkpoint
 
     logger = MetricLogger(cfg, run_dir, total_steps=cfg.train.steps, start_step=start_step,
                           enabled=rank == 0)
@@ -202,8 +191,9 @@ def train(cfg: Config) -> dict[str, Any]:
         logger.log(step, metrics)
 
     def checkpoint(step: int) -> None:
+        # save_checkpoint adds the RNG states of python/numpy/torch(/cuda)
         trainer_state = {"step": step, "scheduler": scheduler.state_dict(),
-                         "loader": loader.state_dict(), "rng": rng_state()}
+                         "loader": loader.state_dict()}
         path = save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer,
                                trainer_state=trainer_state, config=to_dict(cfg),
                                keep_last=cfg.checkpoint.keep_last)

@@ -31,7 +31,7 @@ class TinyLM(nn.Module):
         return self.output(self.fc2(self.drop(torch.relu(self.fc1(h)))))
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, n: int) -> None:
+def _train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, n: int) -> None:
     """``n`` steps on random tokens drawn from torch's global RNG (so data depends on RNG too)."""
     for _ in range(n):
         tokens = torch.randint(0, 16, (4, 5))
@@ -50,3 +50,8 @@ def make_model() -> Callable[..., TinyLM]:
         return TinyLM(width)
 
     return make
+
+
+@pytest.fixture
+def train_steps() -> Callable[..., None]:
+    return _train_steps

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import train_steps
 
 from kfm.checkpoint import (
     CheckpointError,
@@ -61,13 +61,17 @@ def _assert_bitwise(a, b) -> None:
         assert torch.equal(x, y)
 
 
-def test_round_trip_is_bitwise_and_training_continues_identically(tmp_path, make_model) -> None:
+def test_round_trip_is_bitwise_and_training_continues_identically(
+    tmp_path, make_model, train_steps
+) -> None:
     root = tmp_path / "checkpoints"
     model, opt, sched = _setup(make_model)
     train_steps(model, opt, sched, 3)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = opt.state_dict()
-    saved_opt = {"state": {k: {n: t.clone() for n, t in s.items()} for k, s in saved_opt["state"].items()}}
+    saved_opt = {
+        "state": {k: {n: t.clone() for n, t in s.items()} for k, s in saved_opt["state"].items()}
+    }
     path = _save(root, 3, model, opt, sched)
     assert path == root / "step_000003"
     random_after_save = (random.random(), float(np.random.rand()))
@@ -83,19 +87,18 @@ def test_round_trip_is_bitwise_and_training_continues_identically(tmp_path, make
     sched2.load_state_dict(trainer_state["scheduler"])
     _assert_bitwise(resumed.state_dict(), saved_model)
     _assert_bitwise({"state": opt2.state_dict()["state"]}, saved_opt)
-    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups[:0]] or True
     assert sched2.last_epoch == 3
 
     train_steps(resumed, opt2, sched2, 4)
     _assert_bitwise(resumed.state_dict(), reference)
 
 
-def test_learning_rates_and_group_names_restored(tmp_path, make_model) -> None:
+def test_learning_rates_and_group_names_restored(tmp_path, make_model, train_steps) -> None:
     model, opt, sched = _setup(make_model)
     train_steps(model, opt, sched, 2)
     path = _save(tmp_path, 2, model, opt, sched)
-    _, opt2, _ = _setup(make_model, seed=5)
-    load_checkpoint(path, model=make_model(5), optimizer=opt2)
+    model2, opt2, _ = _setup(make_model, seed=5)
+    load_checkpoint(path, model=model2, optimizer=opt2)
     fields = ("name", "lr", "weight_decay", "betas", "initial_lr")
     assert [{f: g[f] for f in fields} for g in opt2.param_groups] == [
         {f: g[f] for f in fields} for g in opt.param_groups
@@ -117,7 +120,7 @@ def test_manifest_contents(tmp_path, make_model) -> None:
         assert entry["size"] == (path / rel).stat().st_size
 
 
-def test_keep_last_and_latest_symlink(tmp_path, make_model) -> None:
+def test_keep_last_and_latest_symlink(tmp_path, make_model, train_steps) -> None:
     model, opt, sched = _setup(make_model)
     for step in (1, 2, 3, 4):
         train_steps(model, opt, sched, 1)
@@ -132,7 +135,7 @@ def test_keep_last_and_latest_symlink(tmp_path, make_model) -> None:
     assert len(list_checkpoints(tmp_path)) == 3
 
 
-def test_resave_same_step_replaces_it(tmp_path, make_model) -> None:
+def test_resave_same_step_replaces_it(tmp_path, make_model, train_steps) -> None:
     model, opt, sched = _setup(make_model)
     first = _save(tmp_path, 2, model, opt, sched)
     train_steps(model, opt, sched, 1)
@@ -165,7 +168,9 @@ def _corrupt(kind: str, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["no_manifest", "truncated", "altered", "missing_file"])
-def test_bad_checkpoints_are_skipped_and_named(tmp_path, make_model, kind: str) -> None:
+def test_bad_checkpoints_are_skipped_and_named(
+    tmp_path, make_model, train_steps, kind: str
+) -> None:
     model, opt, sched = _setup(make_model)
     good = _save(tmp_path, 1, model, opt, sched)
     train_steps(model, opt, sched, 1)
@@ -187,8 +192,6 @@ def test_tmp_dir_is_never_a_candidate_and_is_cleaned_up(tmp_path, make_model) ->
     model, opt, sched = _setup(make_model)
     good = _save(tmp_path, 1, model, opt, sched)
     # A complete-looking copy under a tmp name, as if killed right before the rename.
-    import shutil
-
     dead_pid = 2**22 + 12345  # above Linux's default pid_max (4194304): no such process
     stale = tmp_path / f"step_000002.tmp-{dead_pid}"
     shutil.copytree(good, stale)
@@ -214,14 +217,19 @@ def test_config_mismatch_lists_each_model_key(tmp_path, make_model) -> None:
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path, model=model, optimizer=opt, config=other)
     message = str(info.value)
-    assert f"checkpoint {path} was saved with model.d_model=256 but the config has model.d_model=128" in message
+    assert (
+        f"checkpoint {path} was saved with model.d_model=256 but the config has model.d_model=128"
+        in message
+    )
     assert "model.n_layers=4 but the config has model.n_layers=2" in message
     assert "--checkpoint.resume=never" in message
     assert "optim" not in message
     # The same difference is accepted when only optim would be checked... and caught if it is.
     load_checkpoint(path, model=model, optimizer=opt, config=other, strict_config_keys=())
     with pytest.raises(CheckpointError, match=r"optim.lr=0.0003 but the config has optim.lr=1.0"):
-        load_checkpoint(path, model=model, optimizer=opt, config=other, strict_config_keys=("optim",))
+        load_checkpoint(
+            path, model=model, optimizer=opt, config=other, strict_config_keys=("optim",)
+        )
 
 
 def test_shape_mismatch_is_a_checkpoint_error(tmp_path, make_model) -> None:
@@ -232,7 +240,7 @@ def test_shape_mismatch_is_a_checkpoint_error(tmp_path, make_model) -> None:
         load_checkpoint(path, model=wider, optimizer=None)
 
 
-def test_load_model_state_without_model_or_optimizer(tmp_path, make_model) -> None:
+def test_load_model_state_without_model_or_optimizer(tmp_path, make_model, train_steps) -> None:
     model, opt, sched = _setup(make_model)
     train_steps(model, opt, sched, 2)
     path = _save(tmp_path, 2, model, opt, sched)

@@ -9,7 +9,7 @@ import torch
 
 from kfm.config import ModelConfig
 from kfm.model import Transformer, ffn_hidden_dim
-from kfm.model.rope import apply_rope, rope_tables
+from kfm.model.transformer import apply_rope, rope_tables
 
 
 def tiny(**overrides) -> ModelConfig:
