@@ -3,9 +3,9 @@
 One step = forward + cross-entropy + backward + AdamW step, fp32, on CPU, on the same random batch.
 Both models get the same weights (the kfm init mapped through ``kfm.export.to_hf_state_dict``), so
 the first-step losses must agree; a mismatch is reported because it means the comparison is not
-like for like. Tokens/s uses the best (minimum) step time,
-because other processes on shared cores only ever add time; the median is reported as well.
-Variants are timed round-robin so background load hits them evenly.
+like for like. Tokens/s uses the best (minimum) step time, because other processes on shared
+cores only ever add time; the median is reported as well. Variants are timed round-robin so
+background load hits them evenly.
 
     python benchmarks/step_throughput.py                       # defaults: ~2-4 min on 2 cores
     python benchmarks/step_throughput.py --d-model 512 --n-layers 8 --seq-len 512 --steps 5
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8192, help="embedding rows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument(
         "--warmup", type=int, default=3, help="untimed steps first (compile happens here)"
     )

@@ -18,6 +18,8 @@ import os
 import shutil
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,21 +77,35 @@ def _encoded(
             yield texts, encode.encode_batch(texts)
         return
     # spawn, not fork: the parent may hold threads (tokenizers' thread pool, torch) that a
-    # forked child would inherit in a locked state.
+    # forked child would inherit in a locked state. ProcessPoolExecutor rather than
+    # multiprocessing.Pool: a worker that dies (or fails to load the tokenizer) raises
+    # BrokenProcessPool here, where Pool would respawn it forever and hang.
     ctx = mp.get_context("spawn")
     init_args = (tokenizer_dir, bos_id, eos_id, False)
-    with ctx.Pool(workers, initializer=encode.init_worker, initargs=init_args) as pool:
-        # apply_async with a bounded FIFO instead of imap: imap's feeder thread would read the
-        # whole input into the task queue, unbounded in memory for a large corpus.
-        pending: deque = deque()
-        for texts in batches:
-            pending.append((texts, pool.apply_async(encode.encode_batch, (texts,))))
-            if len(pending) >= _INFLIGHT_PER_WORKER * workers:
-                t, res = pending.popleft()
-                yield t, res.get()
-        while pending:
-            t, res = pending.popleft()
-            yield t, res.get()
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=encode.init_worker, initargs=init_args
+    ) as pool:
+        # A bounded FIFO of futures instead of pool.map: map submits the whole input at once,
+        # unbounded in memory for a large corpus. Popping in submission order keeps the output
+        # order independent of which worker finishes first.
+        pending: deque[tuple[list[str], Future]] = deque()
+        try:
+            for texts in batches:
+                pending.append((texts, pool.submit(encode.encode_batch, texts)))
+                if len(pending) >= _INFLIGHT_PER_WORKER * workers:
+                    t, fut = pending.popleft()
+                    yield t, fut.result()
+            while pending:
+                t, fut = pending.popleft()
+                yield t, fut.result()
+        except BrokenProcessPool as e:
+            raise RuntimeError(
+                f"a tokenizer worker process died (its traceback is printed above) while loading "
+                f"{tokenizer_dir} or encoding; run with --workers 1 to see the error directly"
+            ) from e
+        finally:
+            for _, fut in pending:
+                fut.cancel()
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:

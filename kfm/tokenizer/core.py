@@ -137,9 +137,10 @@ def _is_hangul(c: str) -> bool:
     return 0xAC00 <= o <= 0xD7A3 or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F
 
 
-KO_HANGUL_SHARE = 0.3
+KO_HANGUL_SHARE = 0.2
 """A text is Korean if at least this share of its letters are Hangul. Korean medical prose is
-full of Latin drug and gene names, so the cut is well below one half."""
+full of Latin drug and gene names, and one Hangul syllable carries about as much as two or three
+Latin letters, so the cut is well below one half."""
 
 
 def lang_of(text: str) -> Literal["ko", "en"]:

@@ -20,7 +20,7 @@ _BOS_ID = -1
 _EOS_ID = -1
 
 
-def init_worker(tokenizer_dir: str, bos_id: int, eos_id: int, *, threads: bool = True) -> None:
+def init_worker(tokenizer_dir: str, bos_id: int, eos_id: int, threads: bool = True) -> None:
     """Load ``tokenizer_dir/tokenizer.json`` into this process for `encode_batch`.
 
     Args:

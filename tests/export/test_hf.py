@@ -263,3 +263,13 @@ def test_empty_output_dir_is_reused(tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["bos_token_id"] is None
     assert not (out / "tokenizer.json").exists()
+
+
+def test_exported_model_generates_greedily(exported: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(exported)
+    hf = AutoModelForCausalLM.from_pretrained(exported).eval()
+    ids = tok(TEXTS[1], return_tensors="pt")["input_ids"]
+    first = hf.generate(ids, max_new_tokens=4, min_new_tokens=4)
+    again = hf.generate(ids, max_new_tokens=4, min_new_tokens=4)
+    assert first.shape == (1, ids.shape[1] + 4)
+    assert torch.equal(first, again)  # greedy: deterministic
