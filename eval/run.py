@@ -42,11 +42,17 @@ def evaluate_checkpoint(
         [DataSourceConfig(name=Path(d).name, path=d) for d in data] if data else cfg.data.sources
     )
     val = validation_batches(
-        sources, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-        n_batches=batches or cfg.eval.batches, verify=cfg.data.verify,
+        sources,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        n_batches=batches or cfg.eval.batches,
+        verify=cfg.data.verify,
     )
     metrics = evaluate(
-        model, val, token_bytes=token_byte_lengths(tok), bos_id=tok.bos_token_id,
+        model,
+        val,
+        token_bytes=token_byte_lengths(tok),
+        bos_id=tok.bos_token_id,
         device=torch.device(device),
     )
     result = {"checkpoint": str(path), "sources": [s.path for s in sources], **metrics}

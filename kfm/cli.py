@@ -13,17 +13,18 @@ from pathlib import Path
 
 from kfm.config import ConfigError
 
-_OVERRIDES_HELP = (
-    "Config overrides as dotted flags after the other options, e.g. --optim.lr=3e-4 --train.steps 200."
-)
+_OVERRIDES_HELP = "Config overrides as dotted flags after the other options, e.g. --optim.lr=3e-4 --train.steps 200."
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "config", nargs=None if required else "?", help="YAML preset under configs/ (see README)"
     )
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config and the parameter count, then exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the parameter count, then exit",
+    )
 
 
 def _load(args: argparse.Namespace, overrides: list[str]):
@@ -41,8 +42,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     summary = train(cfg)
     first, last = summary.get("first_eval"), summary.get("last_eval")
     if first and last and first is not last:
-        print(f"validation bits/byte: {first['val_bpb']:.4f} (step 0) -> {last['val_bpb']:.4f} "
-              f"(step {summary['steps_done']})")
+        print(
+            f"validation bits/byte: {first['val_bpb']:.4f} (step 0) -> {last['val_bpb']:.4f} "
+            f"(step {summary['steps_done']})"
+        )
     print(f"run directory: {summary['run_dir']}")
     return 0
 
@@ -64,8 +67,10 @@ def _dry_run(cfg) -> int:
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     print(f"tokens per step: {tokens:,}; total tokens: {tokens * cfg.train.steps:,}")
     print(f"training FLOPs per token: {flops_per_token(cfg.model, cfg.data.seq_len):.4g}")
-    print(f"gradient accumulation: {cfg.train.global_batch_size // cfg.train.micro_batch_size} "
-          "micro-batches per step (1 process)")
+    print(
+        f"gradient accumulation: {cfg.train.global_batch_size // cfg.train.micro_batch_size} "
+        "micro-batches per step (1 process)"
+    )
     return 0
 
 
@@ -86,11 +91,21 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
             "--tokenizer.inputs='[data/sample/a.jsonl.gz, ...]'"
         )
     report = train_from_files(
-        inputs, t.path, vocab_size=t.vocab_size, min_frequency=t.min_frequency,
-        n_reserved=t.n_reserved, text_field=t.text_field, max_chars=t.max_chars,
+        inputs,
+        t.path,
+        vocab_size=t.vocab_size,
+        min_frequency=t.min_frequency,
+        n_reserved=t.n_reserved,
+        text_field=t.text_field,
+        max_chars=t.max_chars,
         overwrite=args.overwrite,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    fert = report.get("fertility", {})
+    print(
+        f"tokenizer {t.path}: {report['vocab_size']} tokens; fertility (characters per token) "
+        + ", ".join(f"{lang} {v:.2f}" for lang, v in fert.items() if v is not None)
+    )
     return 0
 
 
@@ -100,14 +115,24 @@ def cmd_pack(args: argparse.Namespace, overrides: list[str]) -> int:
     from kfm.data.pack import pack
 
     manifest = pack(
-        args.inputs, args.tokenizer, args.out, source_name=args.source_name or Path(args.out).name,
-        license=args.license, text_field=args.text_field, val_fraction=args.val_fraction,
-        shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
+        args.inputs,
+        args.tokenizer,
+        args.out,
+        source_name=args.source_name or Path(args.out).name,
+        license=args.license,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        overwrite=args.overwrite,
     )
     splits = manifest["splits"]
-    print(f"packed {args.out}: " + ", ".join(
-        f"{name} {s['n_docs']:,} docs / {s['n_tokens']:,} tokens" for name, s in splits.items()
-    ))
+    print(
+        f"packed {args.out}: "
+        + ", ".join(
+            f"{name} {s['n_docs']:,} docs / {s['n_tokens']:,} tokens" for name, s in splits.items()
+        )
+    )
     return 0
 
 
@@ -116,10 +141,13 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"kfm eval takes no config overrides, got {overrides}")
     from eval.run import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, batches=args.batches, data=args.data,
-                                 tokenizer=args.tokenizer)
-    print(f"checkpoint {result['checkpoint']}: validation loss {result['val_loss']:.4f} nats/token, "
-          f"{result['val_bpb']:.4f} bits/byte over {result['val_tokens']:,} tokens")
+    result = evaluate_checkpoint(
+        args.checkpoint, batches=args.batches, data=args.data, tokenizer=args.tokenizer
+    )
+    print(
+        f"checkpoint {result['checkpoint']}: validation loss {result['val_loss']:.4f} nats/token, "
+        f"{result['val_bpb']:.4f} bits/byte over {result['val_tokens']:,} tokens"
+    )
     return 0
 
 
@@ -137,8 +165,14 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     state, config = load_model_state(path)
     cfg = config_from_dict(config, source=f"{path}/manifest.json")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    out = export_hf(state, cfg.model, args.out_dir, tokenizer_dir=args.tokenizer or cfg.tokenizer.path,
-                    dtype=dtype, overwrite=args.overwrite)
+    out = export_hf(
+        state,
+        cfg.model,
+        args.out_dir,
+        tokenizer_dir=args.tokenizer or cfg.tokenizer.path,
+        dtype=dtype,
+        overwrite=args.overwrite,
+    )
     print(f"exported {path} -> {out}")
     if args.verify:
         g = torch.Generator().manual_seed(0)
@@ -147,7 +181,9 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
         # fp32 weights must reproduce kfm's logits; bf16 rounding of every weight moves them more.
         tol = 1e-4 if args.dtype == "fp32" else 5e-2
         verdict = "ok" if diff <= tol else "MISMATCH"
-        print(f"export check: max |logits_kfm - logits_hf| = {diff:.2e} (tolerance {tol:.0e}): {verdict}")
+        print(
+            f"export check: max |logits_kfm - logits_hf| = {diff:.2e} (tolerance {tol:.0e}): {verdict}"
+        )
         if diff > tol:
             return 1
     return 0
@@ -155,60 +191,111 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kfm", description="Pretrain a Korean/English domain foundation model from scratch.",
+        prog="kfm",
+        description="Pretrain a Korean/English domain foundation model from scratch.",
         epilog=_OVERRIDES_HELP,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train (or resume) a model from a config",
-                       description="Train or resume a model. " + _OVERRIDES_HELP)
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) a model from a config",
+        description="Train or resume a model. " + _OVERRIDES_HELP,
+    )
     _add_config_args(p, required=True)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer",
-                       description="Tokenizer commands. " + _OVERRIDES_HELP)
+    p = sub.add_parser(
+        "tokenizer",
+        help="train the byte-level BPE tokenizer",
+        description="Tokenizer commands. " + _OVERRIDES_HELP,
+    )
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
-    tp = tsub.add_parser("train", help="train a tokenizer on tokenizer.inputs, save to tokenizer.path",
-                         description="Train a byte-level BPE (NFC, split digits, bos/eos/pad + "
-                         "reserved specials) and report fertility for Korean and English. "
-                         + _OVERRIDES_HELP)
+    tp = tsub.add_parser(
+        "train",
+        help="train a tokenizer on tokenizer.inputs, save to tokenizer.path",
+        description="Train a byte-level BPE (NFC, split digits, bos/eos/pad + "
+        "reserved specials) and report fertility for Korean and English. " + _OVERRIDES_HELP,
+    )
     _add_config_args(tp, required=False)
     tp.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer.path")
     tp.set_defaults(func=cmd_tokenizer)
 
-    p = sub.add_parser("pack", help="tokenize text into packed, memory-mappable token shards",
-                       description="Tokenize JSONL/Parquet/text into a shard set (train/val splits, "
-                       "document index, manifest with sha256).")
-    p.add_argument("inputs", nargs="+", help="files or directories (.jsonl, .jsonl.gz, .parquet, .txt)")
+    p = sub.add_parser(
+        "pack",
+        help="tokenize text into packed, memory-mappable token shards",
+        description="Tokenize JSONL/Parquet/text into a shard set (train/val splits, "
+        "document index, manifest with sha256).",
+    )
+    p.add_argument(
+        "inputs", nargs="+", help="files or directories (.jsonl, .jsonl.gz, .parquet, .txt)"
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (kfm tokenizer train)")
     p.add_argument("--out", required=True, help="output shard-set directory")
-    p.add_argument("--source-name", default=None, help="source name in the manifest (default: out dir name)")
-    p.add_argument("--license", default="unknown", help="license of the input text, recorded in the manifest")
+    p.add_argument(
+        "--source-name", default=None, help="source name in the manifest (default: out dir name)"
+    )
+    p.add_argument(
+        "--license",
+        default=None,
+        help="license of the input text for the manifest (default: the documents' "
+        "own `license` fields, else 'unknown')",
+    )
     p.add_argument("--text-field", default="text", help="field holding the text (JSONL/Parquet)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="fraction of documents held out for validation",
+    )
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per .bin file")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint",
-                       description="Evaluate a checkpoint (step dir, checkpoints dir or run dir).")
-    p.add_argument("checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: eval.batches)")
-    p.add_argument("--data", nargs="+", default=None, help="shard sets to evaluate instead of the run's sources")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path")
+    p = sub.add_parser(
+        "eval",
+        help="validation loss and bits per byte of a checkpoint",
+        description="Evaluate a checkpoint (step dir, checkpoints dir or run dir).",
+    )
+    p.add_argument(
+        "checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)"
+    )
+    p.add_argument(
+        "--batches", type=int, default=None, help="validation batches (default: eval.batches)"
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="shard sets to evaluate instead of the run's sources",
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path"
+    )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint",
-                       description="Export a checkpoint to a transformers folder (safetensors, config, "
-                       "generation config, tokenizer) and check logits against kfm.")
-    p.add_argument("checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)")
+    p = sub.add_parser(
+        "export",
+        help="write a Hugging Face model folder from a checkpoint",
+        description="Export a checkpoint to a transformers folder (safetensors, config, "
+        "generation config, tokenizer) and check logits against kfm.",
+    )
+    p.add_argument(
+        "checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)"
+    )
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype to save")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip loading the export with transformers and comparing logits")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip loading the export with transformers and comparing logits",
+    )
     p.set_defaults(func=cmd_export)
     return parser
 

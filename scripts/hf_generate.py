@@ -1,6 +1,6 @@
 """Load an exported kfm model with plain transformers and print greedy samples.
 
-    python scripts/hf_generate.py runs/quickstart/export/hf --prompt "Diabetes is" --prompt "당뇨병은"
+python scripts/hf_generate.py runs/quickstart/export/hf --prompt "Diabetes is" --prompt "당뇨병은"
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
         inputs = tok(prompt, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"[greedy] {prompt!r} -> {text!r}")
 
 

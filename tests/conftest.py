@@ -23,7 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--regen-golden", action="store_true",
+        "--regen-golden",
+        action="store_true",
         help="rewrite tests/assets/golden_tiny.json from the current code (deliberate numerics change)",
     )
 
@@ -61,9 +62,13 @@ def tiny_sources(tmp_path_factory) -> list[dict]:
 
 def tiny_overrides(sources: list[dict], run_root: Path, name: str) -> list[str]:
     """CLI overrides that point configs/tiny.yaml at packed test data and a temp run root."""
-    flow = "[" + ", ".join(
-        f"{{name: {s['name']}, path: '{s['path']}', weight: {s['weight']}}}" for s in sources
-    ) + "]"
+    flow = (
+        "["
+        + ", ".join(
+            f"{{name: {s['name']}, path: '{s['path']}', weight: {s['weight']}}}" for s in sources
+        )
+        + "]"
+    )
     return [
         f"--data.sources={flow}",
         f"--tokenizer.path={TOKENIZER}",

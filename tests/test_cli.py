@@ -14,8 +14,18 @@ from tests.conftest import REPO
 SURFACE = {
     "train": ["--dry-run", "config"],
     "tokenizer train": ["--dry-run", "--overwrite", "config"],
-    "pack": ["--license", "--out", "--overwrite", "--shard-tokens", "--source-name",
-             "--text-field", "--tokenizer", "--val-fraction", "--workers", "inputs"],
+    "pack": [
+        "--license",
+        "--out",
+        "--overwrite",
+        "--shard-tokens",
+        "--source-name",
+        "--text-field",
+        "--tokenizer",
+        "--val-fraction",
+        "--workers",
+        "inputs",
+    ],
     "eval": ["--batches", "--data", "--tokenizer", "checkpoint"],
     "export": ["--dtype", "--no-verify", "--overwrite", "--tokenizer", "checkpoint", "out_dir"],
 }
@@ -49,17 +59,24 @@ def test_cli_surface_is_frozen():
     assert found == SURFACE
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["tokenizer"], ["tokenizer", "train"],
-                                     ["pack"], ["eval"], ["export"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["train"], ["tokenizer"], ["tokenizer", "train"], ["pack"], ["eval"], ["export"]],
+)
 def test_help_on_every_command(command):
-    out = subprocess.run([sys.executable, "-m", "kfm.cli", *command, "--help"],
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "kfm.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0 and "usage: kfm" in out.stdout
 
 
 def test_dry_run_prints_config_and_param_count(capsys):
-    assert main(["train", str(REPO / "configs/quickstart.yaml"), "--dry-run",
-                 "--optim.lr=1e-3"]) == 0
+    assert (
+        main(["train", str(REPO / "configs/quickstart.yaml"), "--dry-run", "--optim.lr=1e-3"]) == 0
+    )
     out = capsys.readouterr().out
     assert "lr: 0.001" in out and "parameters:" in out
 

@@ -111,7 +111,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -130,7 +132,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -141,7 +145,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key=value")
+            raise ConfigError(
+                f"unexpected argument '{arg}': overrides look like --section.key=value"
+            )
         key, eq, raw = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):
@@ -233,7 +239,11 @@ def validate(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.95]")
     sch = cfg.schedule
-    if sch.warmup_steps < 0 or not 0.0 <= sch.min_lr_ratio <= 1.0 or not 0.0 <= sch.decay_fraction <= 1.0:
+    if (
+        sch.warmup_steps < 0
+        or not 0.0 <= sch.min_lr_ratio <= 1.0
+        or not 0.0 <= sch.decay_fraction <= 1.0
+    ):
         raise ConfigError(
             "schedule: warmup_steps must be >= 0 and min_lr_ratio, decay_fraction in [0, 1] "
             f"(got {sch.warmup_steps}, {sch.min_lr_ratio}, {sch.decay_fraction})"

@@ -29,6 +29,7 @@ Costs: a source's permutation is n_s int32 (4 bytes per window: 2e9 tokens at se
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -316,8 +317,9 @@ def validation_batches(
     Every call returns the same batches. Weights are ignored: each source counts equally.
 
     Raises:
-        ShardError: a source has no "val" split or no full window of seq_len + 1 val tokens, or the
-            sources' tokenizers differ.
+        ShardError: a source has no "val" split, no source has a full window of seq_len + 1 val
+            tokens, or the sources' tokenizers differ. Sources with too few val tokens are
+            skipped with a warning while at least one other source has some.
         ValueError: bad sizes.
     """
     if micro_batch_size < 1 or n_batches < 0:
@@ -326,13 +328,24 @@ def validation_batches(
         )
     sets = _open_sources(sources, "val", seq_len, verify)
     n_windows = [ss.n_tokens // (seq_len + 1) for ss in sets]
-    for src, ss, n in zip(sources, sets, n_windows, strict=True):
-        if n == 0:
-            raise ShardError(
-                f"{ss.path}: source {src.name!r} has {ss.n_tokens} val tokens, fewer than "
-                f"seq_len + 1 = {seq_len + 1}; re-run `kfm pack` with a larger val share or lower "
-                "--data.seq_len"
-            )
+    short = [
+        f"{src.name!r} ({ss.n_tokens} val tokens, {ss.path})"
+        for src, ss, n in zip(sources, sets, n_windows, strict=True)
+        if n == 0
+    ]
+    if len(short) == len(sets):
+        raise ShardError(
+            f"no source has a full validation window of seq_len + 1 = {seq_len + 1} tokens: "
+            f"{', '.join(short)}; re-run `kfm pack` with a larger --val-fraction or lower "
+            "--data.seq_len"
+        )
+    if short:
+        # Small sources (a handful of long articles) often get no held-out document; validating
+        # on the others is more useful than refusing to train. Said once, at start-up.
+        warnings.warn(
+            f"validation skips sources without a full val window: {', '.join(short)}",
+            stacklevel=2,
+        )
     want = n_batches * micro_batch_size
     order: list[tuple[int, int]] = []
     k = 0

@@ -17,7 +17,7 @@ import multiprocessing as mp
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
@@ -51,7 +51,8 @@ def is_val(text: str, val_fraction: float) -> bool:
 
 
 def _batches(inputs: list[str], text_field: str, batch_docs: int, stats: dict) -> Iterator[list]:
-    """Batches of non-empty document texts in input order; counts skipped empty documents."""
+    """Batches of non-empty document texts in input order; counts skipped empty documents and
+    the documents' own ``license`` fields."""
     batch: list[str] = []
     for path in inputs:
         for doc in iter_documents(path, text_field=text_field):
@@ -60,6 +61,9 @@ def _batches(inputs: list[str], text_field: str, batch_docs: int, stats: dict) -
                 stats["skipped_empty"] += 1
                 continue
             batch.append(text)
+            lic = doc.get("license")
+            if isinstance(lic, str) and lic:
+                stats["licenses"][lic] = stats["licenses"].get(lic, 0) + 1
             if len(batch) == batch_docs:
                 yield batch
                 batch = []
@@ -69,7 +73,7 @@ def _batches(inputs: list[str], text_field: str, batch_docs: int, stats: dict) -
 
 def _encoded(
     batches: Iterator[list[str]], tokenizer_dir: str, bos_id: int, eos_id: int, workers: int
-) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+) -> Generator[tuple[list[str], list[np.ndarray]], None, None]:
     """(texts, encoded) per batch, in input order, tokenized on `workers` processes."""
     if workers == 1:
         encode.init_worker(tokenizer_dir, bos_id, eos_id)
@@ -125,13 +129,19 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         os.close(fd)
 
 
+def _license_summary(counts: dict[str, int]) -> str:
+    if not counts:
+        return "unknown"
+    return "; ".join(sorted(counts, key=lambda k: (-counts[k], k)))
+
+
 def pack(
     inputs: list[str],
     tokenizer_path: str | Path,
     out_dir: str | Path,
     *,
     source_name: str,
-    license: str = "unknown",
+    license: str | None = None,
     text_field: str = "text",
     val_fraction: float = 0.01,
     shard_tokens: int = 1 << 27,
@@ -148,7 +158,9 @@ def pack(
     Args:
         inputs: files, directories or ``hf://NAME`` (see ``kfm.data.readers``), read in order.
         tokenizer_path: tokenizer directory; its tokenizer.json sha256 goes in the manifest.
-        source_name, license: recorded in the manifest's ``sources`` entry.
+        source_name, license: recorded in the manifest's ``sources`` entry. Without `license`,
+            the documents' own ``license`` fields are recorded ("; "-joined, most common
+            first), or "unknown" when they have none.
         val_fraction: expected share of documents in "val", in [0, 1).
         shard_tokens: soft maximum tokens per .bin file.
         workers: tokenizer processes (1 tokenizes in this process).
@@ -191,7 +203,7 @@ def pack(
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a killed pack that had this same pid
-    stats = {"skipped_empty": 0}
+    stats: dict = {"skipped_empty": 0, "licenses": {}}
     try:
         with (
             ShardWriter(tmp, "train", vocab_size=vocab_size, shard_tokens=shard_tokens) as train,
@@ -228,7 +240,8 @@ def pack(
             "sources": [
                 {
                     "name": source_name,
-                    "license": license,
+                    "license": license or _license_summary(stats["licenses"]),
+                    "document_licenses": stats["licenses"],
                     "inputs": [str(p) for p in inputs],
                     "n_docs": n_docs,
                     "n_tokens": sum(s["n_tokens"] for s in splits.values()),

@@ -25,8 +25,9 @@ def _fmt(value: Any) -> str:
 class MetricLogger:
     """Fans one dict of scalars per step out to every enabled sink (rank 0 only)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, total_steps: int, start_step: int,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool = True
+    ) -> None:
         lc: LoggingConfig = cfg.logging
         self.enabled = enabled
         self._jsonl = None
@@ -50,8 +51,11 @@ class MetricLogger:
             # must never block on a login prompt. `wandb sync runs/<name>/wandb/offline-run-*` later.
             os.environ.setdefault("WANDB_MODE", "offline")
             self._wandb = wandb.init(
-                project=lc.wandb_project, name=cfg.train.name, dir=str(run_dir),
-                config=to_dict(cfg), resume="allow",
+                project=lc.wandb_project,
+                name=cfg.train.name,
+                dir=str(run_dir),
+                config=to_dict(cfg),
+                resume="allow",
             )
         if lc.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
@@ -67,7 +71,8 @@ class MetricLogger:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         scalars = {
-            k: float(v) for k, v in metrics.items()
+            k: float(v)
+            for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
         }
         if self._tb is not None:

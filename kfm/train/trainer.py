@@ -21,7 +21,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kfm.checkpoint import find_latest_valid, load_checkpoint, resolve_checkpoint_arg, save_checkpoint
+from kfm.checkpoint import (
+    find_latest_valid,
+    load_checkpoint,
+    resolve_checkpoint_arg,
+    save_checkpoint,
+)
 from kfm.config import Config, ConfigError, to_dict
 from kfm.data import PackedLoader, validation_batches
 from kfm.model.flops import flops_per_token, peak_flops
@@ -44,7 +49,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible (set --train.device=cpu)")
+        raise ConfigError(
+            "train.device=cuda but no CUDA device is visible (set --train.device=cpu)"
+        )
     return torch.device(name)
 
 
@@ -116,7 +123,9 @@ def train_step(model, optimizer, scheduler, loader, cfg: Config, device, accum: 
     """One optimizer step: ``accum`` micro-batches of forward/backward, clip, update."""
     optimizer.zero_grad(set_to_none=True)
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.train.dtype == "bf16"
+        else nullcontext()
     )
     loss_sum = torch.zeros((), device=device)
     for _ in range(accum):
@@ -152,17 +161,29 @@ def train(cfg: Config) -> dict[str, Any]:
     ckpt_root = run_dir / "checkpoints"
 
     loader = PackedLoader(
-        cfg.data.sources, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-        seed=cfg.data.seed, rank=rank, world_size=world, verify=cfg.data.verify,
+        cfg.data.sources,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seed=cfg.data.seed,
+        rank=rank,
+        world_size=world,
+        verify=cfg.data.verify,
     )
     tok = check_tokenizer(cfg, loader)
     model = build_model(cfg, device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=cfg.train.steps)
-    val = validation_batches(
-        cfg.data.sources, seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-        n_batches=cfg.eval.batches, verify="size",
-    ) if cfg.eval.interval > 0 else []
+    val = (
+        validation_batches(
+            cfg.data.sources,
+            seq_len=cfg.data.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size,
+            n_batches=cfg.eval.batches,
+            verify="size",
+        )
+        if cfg.eval.interval > 0
+        else []
+    )
     token_bytes = token_byte_lengths(tok)
     autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
 
@@ -174,8 +195,9 @@ def train(cfg: Config) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])  # RNG states were restored by load_checkpoint
 
-    logger = MetricLogger(cfg, run_dir, total_steps=cfg.train.steps, start_step=start_step,
-                          enabled=rank == 0)
+    logger = MetricLogger(
+        cfg, run_dir, total_steps=cfg.train.steps, start_step=start_step, enabled=rank == 0
+    )
     if resume_from is not None:
         logger.info(f"resumed from {resume_from} at step {start_step}")
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -184,19 +206,34 @@ def train(cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir), "start_step": start_step}
 
     def run_eval(step: int) -> None:
-        metrics = evaluate(model, val, token_bytes=token_bytes, bos_id=tok.bos_token_id,
-                           device=device, autocast_dtype=autocast_dtype)
+        metrics = evaluate(
+            model,
+            val,
+            token_bytes=token_bytes,
+            bos_id=tok.bos_token_id,
+            device=device,
+            autocast_dtype=autocast_dtype,
+        )
         summary.setdefault("first_eval", metrics)
         summary["last_eval"] = metrics
         logger.log(step, metrics)
 
     def checkpoint(step: int) -> None:
         # save_checkpoint adds the RNG states of python/numpy/torch(/cuda)
-        trainer_state = {"step": step, "scheduler": scheduler.state_dict(),
-                         "loader": loader.state_dict()}
-        path = save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer,
-                               trainer_state=trainer_state, config=to_dict(cfg),
-                               keep_last=cfg.checkpoint.keep_last)
+        trainer_state = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(),
+        }
+        path = save_checkpoint(
+            ckpt_root,
+            step,
+            model=model,
+            optimizer=optimizer,
+            trainer_state=trainer_state,
+            config=to_dict(cfg),
+            keep_last=cfg.checkpoint.keep_last,
+        )
         logger.info(f"saved checkpoint {path}")
 
     stop = StopRequest()
@@ -218,13 +255,18 @@ def train(cfg: Config) -> dict[str, Any]:
                     )
                 dt = time.perf_counter() - t_last
                 tps = (step - step_last) * tokens_per_step / dt
-                logger.log(step, {
-                    "loss": loss, "grad_norm": result.grad_norm.item(),
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_second": tps,
-                    "tflops": tps * flops_tok / 1e12,
-                    "mfu": tps * flops_tok / peak if peak else None,
-                    "peak_memory_gb": peak_memory_gb(device),
-                })
+                logger.log(
+                    step,
+                    {
+                        "loss": loss,
+                        "grad_norm": result.grad_norm.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_second": tps,
+                        "tflops": tps * flops_tok / 1e12,
+                        "mfu": tps * flops_tok / peak if peak else None,
+                        "peak_memory_gb": peak_memory_gb(device),
+                    },
+                )
                 t_last, step_last = time.perf_counter(), step
             logger.advance()
             if val and (last or step % cfg.eval.interval == 0):
@@ -235,7 +277,9 @@ def train(cfg: Config) -> dict[str, Any]:
             if step == fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop.requested:
-                logger.info(f"{stop.signal_name} received: checkpoint saved at step {step}, exiting")
+                logger.info(
+                    f"{stop.signal_name} received: checkpoint saved at step {step}, exiting"
+                )
                 break
     finally:
         stop.restore()

@@ -40,9 +40,7 @@ def evaluate(
     total_nats, total_tokens, total_bytes = 0.0, 0, 0.0
     for batch in batches:
         tokens, labels = batch.tokens.to(device), batch.labels.to(device)
-        ctx = (
-            torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        )
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
             logits = model(tokens, batch.doc_ids.to(device))
         ce, _ = cross_entropy_loss(logits, labels, reduction="none")  # (B, T) fp32

@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kfm.config import Config, ConfigError, load_config, parse_overrides, to_dict
-from kfm.config import schema
+from kfm.config import Config, ConfigError, load_config, parse_overrides, schema, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 

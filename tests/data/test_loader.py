@@ -296,10 +296,20 @@ def test_validation_needs_val_tokens(tmp_path: Path) -> None:
             micro_batch_size=2,
             n_batches=1,
         )
-    with pytest.raises(ShardError, match="'b' has 3 val tokens"):
+    with pytest.raises(ShardError, match="no source has a full validation window.*'b' \\(3 val"):
         validation_batches(
             [DataSourceConfig(name="b", path=str(tiny_val))],
             seq_len=T,
             micro_batch_size=2,
             n_batches=1,
         )
+    ok = _write_source(
+        tmp_path / "c", {"train": _docs(rng, 20, 2, 900), "val": _docs(rng, 10, 2, 900)}
+    )
+    both = [
+        DataSourceConfig(name="b", path=str(tiny_val)),
+        DataSourceConfig(name="c", path=str(ok)),
+    ]
+    with pytest.warns(UserWarning, match="skips sources without a full val window: 'b'"):
+        batches = validation_batches(both, seq_len=T, micro_batch_size=2, n_batches=2)
+    assert len(batches) == 2 and all(len(b.tokens) == 2 for b in batches)

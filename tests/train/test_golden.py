@@ -25,8 +25,10 @@ RTOL = 1e-5
 
 
 def test_golden_losses(tiny_sources, tmp_path, request):
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      tiny_overrides(tiny_sources, tmp_path, "golden") + ["--eval.interval=0"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        tiny_overrides(tiny_sources, tmp_path, "golden") + ["--eval.interval=0"],
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reduction order must not depend on the machine's core count
     try:
@@ -37,10 +39,19 @@ def test_golden_losses(tiny_sources, tmp_path, request):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == cfg.train.steps == 20
     if request.config.getoption("--regen-golden"):
-        GOLDEN.write_text(json.dumps({
-            "config": "configs/tiny.yaml", "steps": len(losses), "losses": losses,
-            "machine": platform.machine(), "torch": torch.__version__,
-        }, indent=2) + "\n")
+        GOLDEN.write_text(
+            json.dumps(
+                {
+                    "config": "configs/tiny.yaml",
+                    "steps": len(losses),
+                    "losses": losses,
+                    "machine": platform.machine(),
+                    "torch": torch.__version__,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         pytest.skip(f"rewrote {GOLDEN}")
     golden = json.loads(GOLDEN.read_text())["losses"]
     for step, (got, want) in enumerate(zip(losses, golden, strict=True), start=1):

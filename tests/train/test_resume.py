@@ -19,8 +19,17 @@ STEPS, CKPT_EVERY, KILL_AT = 20, 10, 13
 
 def run_train(overrides: list[str], env_extra: dict[str, str] | None = None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "kfm.cli", "train", "configs/tiny.yaml", *overrides,
-           f"--train.steps={STEPS}", f"--checkpoint.interval={CKPT_EVERY}", "--eval.interval=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kfm.cli",
+        "train",
+        "configs/tiny.yaml",
+        *overrides,
+        f"--train.steps={STEPS}",
+        f"--checkpoint.interval={CKPT_EVERY}",
+        "--eval.interval=0",
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -47,7 +56,7 @@ def test_sigkill_and_auto_resume_is_bitwise_exact(tiny_sources, tmp_path):
 
     resumed = run_train(args)  # same command, no flag: resumes from the newest valid checkpoint
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stdout and f"at step {CKPT_EVERY}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {CKPT_EVERY}" in resumed.stdout
 
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
@@ -64,8 +73,17 @@ def test_sigterm_saves_and_exits_cleanly(tiny_sources, tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint is written, exit code 0, resume continues."""
     args = tiny_overrides(tiny_sources, tmp_path, "term")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "kfm.cli", "train", "configs/tiny.yaml", *args,
-           "--train.steps=100000", "--checkpoint.interval=0", "--eval.interval=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kfm.cli",
+        "train",
+        "configs/tiny.yaml",
+        *args,
+        "--train.steps=100000",
+        "--checkpoint.interval=0",
+        "--eval.interval=0",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until training is really stepping
         if line.startswith("step") and "loss" in line and int(line.split()[1]) >= 3:
