@@ -157,7 +157,7 @@ def train(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
-    run_dir = prepare_run_dir(cfg)
+    run_dir = Path(cfg.train.run_root) / cfg.train.name
     ckpt_root = run_dir / "checkpoints"
 
     loader = PackedLoader(
@@ -195,6 +195,9 @@ def train(cfg: Config) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])  # RNG states were restored by load_checkpoint
 
+    # Only now that data, tokenizer and checkpoint agree with the config is it recorded: a refused
+    # resume must not overwrite the run's config.yaml with the config that was refused.
+    prepare_run_dir(cfg)
     logger = MetricLogger(
         cfg, run_dir, total_steps=cfg.train.steps, start_step=start_step, enabled=rank == 0
     )
