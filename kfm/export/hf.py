@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -73,7 +74,7 @@ def hf_config(
             f"model.d_model={cfg.d_model} is not a multiple of model.n_heads={cfg.n_heads}; "
             "set --model.n_heads to a divisor of d_model"
         )
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
         intermediate_size=ffn_hidden_dim(cfg),
@@ -240,7 +241,7 @@ def _load_tokenizer(tokenizer_dir: Path, vocab_size: int) -> transformers.PreTra
 def _model_card(
     cfg: ModelConfig, model: torch.nn.Module, dtype: torch.dtype, extra: str | None
 ) -> str:
-    hf_cfg = model.config
+    hf_cfg: Any = model.config
     arch = type(model).__name__
     n_params = sum(p.numel() for p in model.parameters())  # parameters() lists a tied weight once
     lines = [
@@ -254,7 +255,7 @@ def _model_card(
         "# kfm model",
         "",
         "A Korean + English medical/biomedical causal language model pretrained from scratch,",
-        "trained with [kfm](https://github.com/) and exported to Hugging Face transformers.",
+        "trained with kfm and exported to Hugging Face transformers.",
         "",
         "## Architecture",
         "",

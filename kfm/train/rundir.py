@@ -43,7 +43,7 @@ def provenance() -> dict[str, Any]:
     """Git commit + dirty flag of the kfm checkout, package versions, host and command line."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)

@@ -12,6 +12,7 @@ import random
 import resource
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,7 @@ def peak_memory_gb(device: torch.device) -> float:
 class StepResult:
     loss: torch.Tensor  # mean cross-entropy over the global batch (fp32, on device: no sync)
     grad_norm: torch.Tensor
+    lr: float  # learning rate this update used (the scheduler has already moved on)
 
 
 def train_step(model, optimizer, scheduler, loader, cfg: Config, device, accum: int) -> StepResult:
@@ -138,9 +140,10 @@ def train_step(model, optimizer, scheduler, loader, cfg: Config, device, accum: 
         loss_sum += ce.detach()
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    return StepResult(loss=loss_sum / accum, grad_norm=grad_norm)
+    return StepResult(loss=loss_sum / accum, grad_norm=grad_norm, lr=lr)
 
 
 def find_resume_point(cfg: Config, ckpt_root: Path) -> Path | None:
@@ -179,7 +182,7 @@ def train(cfg: Config) -> dict[str, Any]:
             seq_len=cfg.data.seq_len,
             micro_batch_size=cfg.train.micro_batch_size,
             n_batches=cfg.eval.batches,
-            verify="size",
+            verify=cfg.data.verify,
         )
         if cfg.eval.interval > 0
         else []
@@ -194,6 +197,15 @@ def train(cfg: Config) -> dict[str, Any]:
         start_step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])  # RNG states were restored by load_checkpoint
+        saved_numpy = state.get("numpy_version")
+        if saved_numpy and saved_numpy != np.__version__:
+            # The sample order comes from numpy's default_rng, which numpy does not promise to
+            # keep across versions: the run continues, but the data order may differ.
+            warnings.warn(
+                f"{resume_from} was saved with numpy {saved_numpy}, this is {np.__version__}: "
+                "the data order after resume may differ from an uninterrupted run",
+                stacklevel=1,
+            )
 
     # Only now that data, tokenizer and checkpoint agree with the config is it recorded: a refused
     # resume must not overwrite the run's config.yaml with the config that was refused.
@@ -227,6 +239,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "step": step,
             "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
+            "numpy_version": np.__version__,
         }
         path = save_checkpoint(
             ckpt_root,
@@ -263,7 +276,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     {
                         "loss": loss,
                         "grad_norm": result.grad_norm.item(),
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": result.lr,
                         "tokens_per_second": tps,
                         "tflops": tps * flops_tok / 1e12,
                         "mfu": tps * flops_tok / peak if peak else None,
