@@ -11,9 +11,9 @@ import torch
 from kfm.checkpoint import load_model_state, resolve_checkpoint_arg
 from kfm.config import DataSourceConfig, config_from_dict
 from kfm.data import validation_batches
+from kfm.fs import atomic_write_text
 from kfm.model.transformer import Transformer
 from kfm.tokenizer import load_tokenizer, token_byte_lengths
-from kfm.train.rundir import atomic_write_text
 from kfm.train.validation import evaluate
 
 

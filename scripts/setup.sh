@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install kfm into it. Sourced by quickstart.sh and test.sh.
+# Create .venv (if missing), install kfm into it, activate it and set the offline environment.
+# Sourced by quickstart.sh and test.sh.
 #   KFM_VENV   venv directory (default: .venv in the repo)
 #   KFM_EXTRAS extras to install (default: dev)
 set -euo pipefail
@@ -27,3 +28,8 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
   python -m pip install -q -e "$repo[$extras]"
   touch "$stamp"
 fi
+
+# Nothing is downloaded at run time: no hub models, datasets or tokenizers; wandb stays offline.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export TOKENIZERS_PARALLELISM=false

@@ -3,10 +3,7 @@
 #   bash scripts/test.sh -m slow          # the long checks
 #   bash scripts/test.sh tests/model -x   # one area
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/setup.sh
-. scripts/setup.sh
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
-export TOKENIZERS_PARALLELISM=false
+. scripts/setup.sh  # venv + install; offline environment
 python -m pytest "$@"

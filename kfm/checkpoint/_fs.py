@@ -7,21 +7,20 @@ directory fsynced after it (the rename itself lives in the directory's entries).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
-_HASH_CHUNK = 8 << 20  # 8 MiB reads: sha256 runs ~1 GB/s per core, so a 10 GB checkpoint is ~10 s
+from kfm.fs import fsync_dir, sha256_file
 
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so renames and new entries in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = [
+    "files_under",
+    "fsync_dir",
+    "pid_alive",
+    "remove_tree",
+    "sha256_file",
+    "write_bytes_durable",
+]
 
 
 def write_bytes_durable(path: Path, data: bytes) -> None:
@@ -30,15 +29,6 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes (reads the whole file)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def files_under(path: Path) -> list[Path]:

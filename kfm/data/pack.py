@@ -29,6 +29,7 @@ import numpy as np
 import kfm
 from kfm.data.readers import check_input, iter_documents
 from kfm.data.shards import FORMAT, VERSION, ShardWriter, token_dtype, write_manifest
+from kfm.fs import publish_dir
 from kfm.tokenizer import encode
 from kfm.tokenizer.core import load_tokenizer, tokenizer_file, tokenizer_hash
 
@@ -110,23 +111,6 @@ def _encoded(
         finally:
             for _, fut in pending:
                 fut.cancel()
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _license_summary(counts: dict[str, int]) -> str:
@@ -255,7 +239,7 @@ def pack(
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_manifest(tmp, manifest)
-        _publish(tmp, out, overwrite)
+        publish_dir(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

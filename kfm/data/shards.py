@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from kfm.fs import atomic_write_bytes, fsync_dir, sha256_file
+
 FORMAT = "kfm-shards"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -53,30 +55,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if not 1 <= vocab_size <= 1 << 32:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, 2**32]")
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not supported on every platform/filesystem, hence the guard.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class ShardWriter:
@@ -143,9 +121,9 @@ class ShardWriter:
         self._f.close()
         self._f = None
         idx_bytes = np.asarray(self._offsets, dtype=_IDX_DTYPE).tobytes()
-        _atomic_write_bytes(self.out_dir / idx_name, idx_bytes)
+        atomic_write_bytes(self.out_dir / idx_name, idx_bytes)
         os.replace(self.out_dir / (bin_name + ".tmp"), self.out_dir / bin_name)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self._files.append(
             {
                 "bin": bin_name,
@@ -297,16 +275,8 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
                         "ShardWriter before write_manifest"
                     )
     path = out / MANIFEST_NAME
-    _atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
     return path
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardSet:
@@ -400,7 +370,7 @@ class ShardSet:
                     )
             if verify == "sha256":
                 for p, key in ((bpath, "sha256_bin"), (ipath, "sha256_idx")):
-                    actual = _sha256_file(p)
+                    actual = sha256_file(p)
                     if actual != f[key]:
                         raise ShardError(
                             f"{p}: sha256 mismatch (expected {f[key]}, actual {actual}); the file "

@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from kfm.config import ModelConfig
+from kfm.fs import publish_dir
 from kfm.model import ffn_hidden_dim
 
 # Prefixes that torch wrappers add to state-dict keys (torch.compile, activation checkpointing,
@@ -359,7 +360,7 @@ def export_hf(
         (tmp / "README.md").write_text(
             _model_card(cfg, model, dtype, extra_readme), encoding="utf-8"
         )
-        _swap_into_place(tmp, out)
+        publish_dir(tmp, out, overwrite=True)  # the overwrite check was made up front
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -393,19 +394,3 @@ def _init_meta_buffers(model: torch.nn.Module) -> None:
     left = [name for name, buf in model.named_buffers() if buf.is_meta]
     if left:
         raise ExportError(f"internal: buffers left on the meta device after export: {left}")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed last."""
-    backup = None
-    if out.exists():
-        backup = out.parent / f"{out.name}.old-{os.getpid()}"
-        os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

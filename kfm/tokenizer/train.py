@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from kfm.fs import publish_dir
 from kfm.tokenizer.core import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -85,37 +86,6 @@ def _finish(tok: Any) -> Any:
         special_tokens=[(BOS_TOKEN, bos_id)],
     )
     return tok
-
-
-def _fsync_tree(d: Path) -> None:
-    for f in sorted(d.iterdir()):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish_dir(tmp: Path, out: Path, *, overwrite: bool) -> None:
-    """Rename the finished `tmp` directory to `out`, replacing `out` only if `overwrite`."""
-    _fsync_tree(tmp)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite)")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def train_tokenizer(
@@ -235,7 +205,7 @@ def train_tokenizer(
         )
         if not (tmp / TOKENIZER_FILE).is_file():
             raise RuntimeError(f"save_pretrained wrote no {TOKENIZER_FILE} in {tmp}")
-        _publish_dir(tmp, out, overwrite=overwrite)
+        publish_dir(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -14,18 +13,9 @@ from typing import Any
 
 import kfm
 from kfm.config import Config, dump_yaml
+from kfm.fs import atomic_write_text
 
 _PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "safetensors", "numpy", "kfm")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _git(*args: str) -> str | None:
