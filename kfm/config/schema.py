@@ -140,6 +140,36 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    backend: Literal["fsdp", "deepspeed"] = "fsdp"
+    """fsdp: torch FSDP2/HSDP + DTensor tensor parallel (kfm/parallel); deepspeed: ZeRO engine."""
+    dp_replicate: int = 1
+    """Data-parallel replica groups (HSDP: replicate across nodes); -1 = the rest of the world."""
+    dp_shard: int = -1
+    """FSDP2 shard-group size (HSDP: within a node); -1 = the rest of the world."""
+    tp: int = 1
+    """Tensor-parallel degree (keep it within a node); must divide n_heads and n_kv_heads."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Gradient reduce-scatter/all-reduce dtype; params use train.dtype (bf16 or fp32)."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered params after forward (ZeRO-3); False keeps them for backward."""
+    zero_stage: Literal[1, 2, 3] = 3
+    """DeepSpeed ZeRO stage when backend=deepspeed."""
+    ac: Literal["none", "full", "selective"] = "none"
+    """Activation checkpointing: none, every block (full), or every ac_every-th block (selective)."""
+    ac_every: int = 2
+    """selective AC: checkpoint blocks whose index is a multiple of this."""
+    fp8: Literal["none", "tensorwise", "rowwise", "mxfp8"] = "none"
+    """torchao float8 training recipe for eligible Linear layers (needs the `gpu` extra)."""
+    fp8_emulate: bool = False
+    """Emulate fp8 matmuls (CPU tests); real fp8 needs an H100/B200-class GPU."""
+    fp8_all_gather: bool = False
+    """FSDP2: all-gather weights in fp8 (tensorwise recipe only)."""
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend: auto = nccl on CUDA, gloo on CPU."""
+
+
+@dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     interval: int = 500
     """Save every this many steps (and at the end); 0 saves only at the end."""
@@ -183,6 +213,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
