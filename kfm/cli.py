@@ -25,6 +25,14 @@ def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
         action="store_true",
         help="print the resolved config and the parameter count, then exit",
     )
+    if required:  # kfm train
+        p.add_argument(
+            "--world-size",
+            type=int,
+            default=None,
+            help="with --dry-run: plan the mesh, sharding and memory per rank for this many GPUs "
+            "(no GPU needed), e.g. 256 for 32 nodes x 8",
+        )
 
 
 def _load(args: argparse.Namespace, overrides: list[str]):
@@ -36,7 +44,12 @@ def _load(args: argparse.Namespace, overrides: list[str]):
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = _load(args, overrides)
     if args.dry_run:
-        return _dry_run(cfg)
+        return _dry_run(cfg, world_size=args.world_size)
+    if args.world_size is not None:
+        raise ConfigError(
+            "--world-size plans a run with --dry-run; a real run takes its world "
+            "size from torchrun (launch/local.sh)"
+        )
     from kfm.train.trainer import train
 
     summary = train(cfg)
@@ -50,7 +63,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _dry_run(cfg) -> int:
+def _dry_run(cfg, *, world_size: int | None) -> int:
     import torch
 
     from kfm.config import dump_yaml
@@ -67,10 +80,21 @@ def _dry_run(cfg) -> int:
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     print(f"tokens per step: {tokens:,}; total tokens: {tokens * cfg.train.steps:,}")
     print(f"training FLOPs per token: {flops_per_token(cfg.model, cfg.data.seq_len):.4g}")
-    print(
-        f"gradient accumulation: {cfg.train.global_batch_size // cfg.train.micro_batch_size} "
-        "micro-batches per step (1 process)"
-    )
+    if world_size is None:
+        print(
+            f"gradient accumulation: {cfg.train.global_batch_size // cfg.train.micro_batch_size} "
+            "micro-batches per step (1 process); add --world-size N to plan a distributed run"
+        )
+        return 0
+    if cfg.parallel.backend == "deepspeed":
+        from kfm.parallel.deepspeed import ds_config_yaml
+
+        print("--- DeepSpeed config (generated from this kfm config)")
+        print(ds_config_yaml(cfg, world_size=world_size), end="")
+    from kfm.parallel.plan import plan_report
+
+    print(f"--- plan for world size {world_size}")
+    print(plan_report(cfg, world_size))
     return 0
 
 

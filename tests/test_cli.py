@@ -12,7 +12,7 @@ from kfm.cli import build_parser, main
 from tests.conftest import REPO
 
 SURFACE = {
-    "train": ["--dry-run", "config"],
+    "train": ["--dry-run", "--world-size", "config"],
     "tokenizer train": ["--dry-run", "--overwrite", "config"],
     "pack": [
         "--license",
@@ -84,3 +84,11 @@ def test_dry_run_prints_config_and_param_count(capsys):
 def test_config_errors_exit_2_with_message(capsys):
     assert main(["train", str(REPO / "configs/tiny.yaml"), "--dry-run", "--optim.lrr=1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_dry_run_plans_the_256_gpu_preset(capsys):
+    assert (
+        main(["train", str(REPO / "configs/b200_8b.yaml"), "--dry-run", "--world-size", "256"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "plan for world size 256" in out and "dp_replicate=32" in out and "FITS" in out
