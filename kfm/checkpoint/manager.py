@@ -369,7 +369,8 @@ def validate_checkpoint(path: str | Path, *, verify_hashes: bool = True) -> dict
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise CheckpointError(f"{manifest_path} has no 'files' table")
-    for required in (_DCP_METADATA, _trainer_state_name(0)):
+    # DeepSpeed checkpoints (kfm.parallel.deepspeed) list their own required files.
+    for required in manifest.get("required_files", (_DCP_METADATA, _trainer_state_name(0))):
         if required not in files:
             raise CheckpointError(f"{manifest_path} does not list {required}: incomplete save")
     for rel, expected in files.items():
@@ -534,6 +535,10 @@ def load_model_state(
     """
     path = Path(path)
     manifest = validate_checkpoint(path, verify_hashes=verify_hashes)
+    if manifest.get("backend") == "deepspeed":
+        from kfm.checkpoint.deepspeed import load_model_state_from_deepspeed
+
+        return load_model_state_from_deepspeed(path, verify_hashes=False)  # just verified
     metadata = FileSystemReader(path).read_metadata()
     # planner_data maps DCP's flattened key ("model.layers.0.wq.weight") to its path in the saved
     # nested dict (("model", "layers.0.wq.weight")); dots inside FQNs make the key ambiguous alone.

@@ -149,6 +149,8 @@ class ParallelConfig:
     """FSDP2 shard-group size (HSDP: within a node); -1 = the rest of the world."""
     tp: int = 1
     """Tensor-parallel degree (keep it within a node); must divide n_heads and n_kv_heads."""
+    loss_parallel: bool = False
+    """TP: keep logits sharded over the vocabulary and compute the loss on the shards."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Gradient reduce-scatter/all-reduce dtype; params use train.dtype (bf16 or fp32)."""
     reshard_after_forward: bool = True
@@ -159,6 +161,8 @@ class ParallelConfig:
     """Activation checkpointing: none, every block (full), or every ac_every-th block (selective)."""
     ac_every: int = 2
     """selective AC: checkpoint blocks whose index is a multiple of this."""
+    ac_policy: Literal["block", "op"] = "block"
+    """block: recompute the whole checkpointed block; op: keep matmul/attention outputs."""
     fp8: Literal["none", "tensorwise", "rowwise", "mxfp8"] = "none"
     """torchao float8 training recipe for eligible Linear layers (needs the `gpu` extra)."""
     fp8_emulate: bool = False

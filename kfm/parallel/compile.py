@@ -3,12 +3,26 @@
 Compiling each block rather than the whole model keeps compile time flat in depth (identical
 blocks reuse one compiled graph) and leaves the block boundaries visible to FSDP2, whose
 all-gather/reduce-scatter hooks run between blocks. `nn.Module.compile` compiles in place, so
-parameter names do not gain torchcompile's `_orig_mod.` prefix and checkpoints are unaffected.
+parameter names do not gain torch.compile's `_orig_mod.` prefix and checkpoints are unaffected.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.tensor import DTensor
+
+
+def _compile_target(block: nn.Module) -> nn.Module:
+    # A checkpointed block is normally compiled with its checkpoint, so the compiler plans the
+    # recomputation. With tensor-parallel (DTensor) weights torch 2.13 fails to compile that
+    # combination (AOTAutograd tries to save the DeviceMesh as an activation), so there the block
+    # inside the wrapper is compiled and the checkpoint runs eagerly around the compiled code.
+    if isinstance(block, CheckpointWrapper) and any(
+        isinstance(p, DTensor) for p in block.parameters()
+    ):
+        return block._checkpoint_wrapped_module
+    return block
 
 
 def apply_compile(model: nn.Module, *, fullgraph: bool = True) -> None:
@@ -24,4 +38,4 @@ def apply_compile(model: nn.Module, *, fullgraph: bool = True) -> None:
     if not isinstance(layers, nn.ModuleDict):
         raise TypeError("apply_compile expects model.layers to be an nn.ModuleDict of blocks")
     for block in layers.values():
-        block.compile(fullgraph=fullgraph, dynamic=False)
+        _compile_target(block).compile(fullgraph=fullgraph, dynamic=False)

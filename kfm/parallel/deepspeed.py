@@ -22,12 +22,11 @@ a shared-memory comm op (~35-110 s, cached under ``~/.cache/torch_extensions``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import io
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -38,6 +37,11 @@ import yaml
 from torch import Tensor, nn
 
 from kfm.checkpoint import CheckpointError, capture_rng_state, restore_rng_state, step_dir_name
+from kfm.checkpoint.deepspeed import (
+    BACKEND,
+    _import_deepspeed,
+    validate_deepspeed_checkpoint,
+)
 from kfm.checkpoint.manager import (
     FORMAT,
     MANIFEST,
@@ -47,17 +51,13 @@ from kfm.checkpoint.manager import (
     _prune,
     _trainer_state_name,
 )
-from kfm.config import Config, ConfigError, ModelConfig, config_from_dict
+from kfm.config import Config, ConfigError
 from kfm.fs import fsync_dir, fsync_tree, sha256_file
-from kfm.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from kfm.data.loader import Batch
 
 log = logging.getLogger(__name__)
-
-BACKEND = "deepspeed"
-"""Value of ``"backend"`` in the manifest of a checkpoint written by this module."""
 
 
 def _model_states_file(zero_stage: int) -> str:
@@ -68,23 +68,6 @@ def _model_states_file(zero_stage: int) -> str:
         if zero_stage == 3
         else "mp_rank_00_model_states.pt"
     )
-
-
-_INSTALL_HINT = "DeepSpeed is not installed: pip install 'kfm[deepspeed]'"
-
-
-def _import_deepspeed() -> Any:
-    """Import deepspeed quietly, or raise an ImportError naming the extra to install."""
-    if not torch.cuda.is_available():
-        # Without this DeepSpeed probes for accelerators and warns that it fell back to CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise ImportError(_INSTALL_HINT) from e
-    # DeepSpeed logs every engine setting at INFO on every rank; kfm's logger reports what matters.
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    return deepspeed
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -194,7 +177,8 @@ class DeepSpeedStepResult(NamedTuple):
     """What one optimizer step reports; field names match kfm.train.trainer.StepResult."""
 
     loss: Tensor
-    """Mean cross-entropy over the global batch (fp32 scalar, identical on every rank)."""
+    """Mean cross-entropy over this rank's micro-batches (fp32 scalar, no sync); the mean of it
+    over ranks is the global-batch loss (kfm.train.dist.mean_over_ranks on log steps)."""
     grad_norm: Tensor
     """Global gradient norm before clipping (fp32 scalar)."""
     lr: float
@@ -211,6 +195,9 @@ def _ensure_process_group(backend: str) -> None:
     if "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend)
     else:
+        # DeepSpeed reads LOCAL_RANK (and RANK/WORLD_SIZE) from the environment as torchrun sets it.
+        for var, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(var, value)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
@@ -278,8 +265,8 @@ class DeepSpeedBackend:
         ``engine.backward`` divides the loss by gradient_accumulation_steps and ``engine.step``
         updates only on the accumulation boundary (every ``accum``-th call), averaging gradients
         over ranks, so one call of this method is one kfm optimizer step. The loss is kfm's fp32
-        cross-entropy (plus z-loss if configured); the returned loss is averaged over ranks (one
-        scalar all-reduce per step, the same value on every rank).
+        cross-entropy (plus z-loss if configured); like kfm.train.trainer.train_step this returns
+        the rank's own mean cross-entropy, without a collective.
         """
         engine = self.engine
         device = engine.device
@@ -298,10 +285,8 @@ class DeepSpeedBackend:
             raise RuntimeError(
                 "DeepSpeed skipped the optimizer step (overflow or a wrong accumulation count)"
             )
-        loss = loss_sum / (self.accum * self.world_size)
-        dist.all_reduce(loss)  # sum of per-rank means / world = global mean (gloo has no AVG)
         grad_norm = torch.as_tensor(float(engine.get_global_grad_norm()), dtype=torch.float32)
-        return DeepSpeedStepResult(loss=loss, grad_norm=grad_norm, lr=lr)
+        return DeepSpeedStepResult(loss=loss_sum / self.accum, grad_norm=grad_norm, lr=lr)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -447,93 +432,5 @@ class DeepSpeedBackend:
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     if path.is_dir():
         shutil.rmtree(path)
-
-
-# -- reading checkpoints without an engine -----------------------------------------------------
-
-
-def is_deepspeed_checkpoint(path: str | Path) -> bool:
-    """Whether the step dir's manifest says it was written by this backend (no validation)."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("backend") == BACKEND
-
-
-def validate_deepspeed_checkpoint(path: str | Path, *, verify_hashes: bool = True) -> dict:
-    """Check a DeepSpeed step dir against its manifest (sizes, sha256) and return the manifest.
-
-    Raises:
-        CheckpointError: naming the missing, truncated or altered file, or a manifest that is
-            not kfm's or not a DeepSpeed checkpoint.
-    """
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{manifest_path} is missing or unreadable ({e}): the save of {path} did not finish "
-            "or the checkpoint is damaged"
-        ) from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path} is not a {FORMAT} manifest")
-    if manifest.get("backend") != BACKEND:
-        raise CheckpointError(
-            f"{path} was not written by the DeepSpeed backend: load it with "
-            "kfm.checkpoint.load_checkpoint (--parallel.backend=fsdp)"
-        )
-    files: dict[str, dict[str, Any]] = manifest.get("files", {})
-    for required in manifest.get("required_files", []):
-        if required not in files:
-            raise CheckpointError(f"{manifest_path} does not list {required}: incomplete save")
-    for rel, expected in files.items():
-        file = path / rel
-        if not file.is_file() or file.stat().st_size != expected["size"]:
-            raise CheckpointError(f"{file} is missing or not the size {manifest_path} lists")
-        if verify_hashes and sha256_file(file) != expected["sha256"]:
-            raise CheckpointError(f"{file} does not match its sha256 in {manifest_path}: corrupt")
-    return manifest
-
-
-def load_model_state_from_deepspeed(
-    path: str | Path, *, verify_hashes: bool = True
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The model's full fp32 state dict on CPU, consolidated from ZeRO shards, and its config.
-
-    Works for ZeRO stages 1-3 and any world size, in one process without a process group:
-    DeepSpeed's zero_to_fp32 rebuilds every parameter from the fp32 master partitions in the
-    optimizer files. Keys are those of the kfm model's ``state_dict()`` (the same as
-    kfm.checkpoint.load_model_state gives; non-persistent buffers such as the RoPE tables are
-    dropped). Cost: the whole model in CPU memory, plus reading every optimizer shard.
-
-    Raises:
-        CheckpointError: invalid checkpoint, or consolidated keys that do not match the config's
-            model.
-        ImportError: deepspeed is not installed (names the extra).
-    """
-    path = Path(path)
-    manifest = validate_deepspeed_checkpoint(path, verify_hashes=verify_hashes)
-    _import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    consolidate: Callable[..., dict[str, Tensor]] = get_fp32_state_dict_from_zero_checkpoint
-    with contextlib.redirect_stdout(io.StringIO()) as printed:  # it print()s its progress
-        full = consolidate(str(path.parent), tag=path.name)
-    log.debug("zero_to_fp32 on %s: %s", path, printed.getvalue())
-    config = manifest["config"]
-    model_cfg: ModelConfig = config_from_dict(config, source=f"{path}/{MANIFEST}").model
-    with torch.device("meta"):  # only the key set is needed: no memory, no init
-        expected = Transformer(model_cfg).state_dict().keys()
-    missing = [k for k in expected if k not in full]
-    if missing:
-        raise CheckpointError(
-            f"{path} lacks {missing[:3]} after consolidation: it does not hold this model "
-            f"({len(missing)} tensors missing)"
-        )
-    return {k: full[k].float().contiguous() for k in expected}, config

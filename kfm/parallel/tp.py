@@ -14,10 +14,13 @@ Layouts along the tensor-parallel mesh, per block (T = sequence, D = d_model, tp
       -> output           all-gather; colwise -> logits (B, T, V) replicated, or (B, T, V/tp)
                           Shard(-1) with loss_parallel (the loss then never gathers the vocab)
 
-The residual stream between these modules stays a plain (B, T/tp, D) local tensor, so the model
-code needs no change: attention takes its head count from the sharded weights (view with -1).
-Per-sequence inputs (RoPE tables, the (B, 1, T, T) document mask) are built from full-length
-tokens/doc_ids in Transformer.forward and used only inside attention, where the sequence is whole.
+The residual stream between these modules is a (B, T, D) DTensor sharded Shard(1) (each rank holds
+(B, T/tp, D)), so residual adds are local and the model code needs no change: attention takes its
+head count from the sharded weights (view with -1). Keeping it a DTensor, not a local tensor, is
+also what lets torch.compile'd blocks take it as input (torch 2.13's AOTAutograd mishandles the
+gradient of a block input produced by DTensor.to_local). Per-sequence inputs (RoPE tables, the
+(B, 1, T, T) document mask) are built from full-length tokens/doc_ids in Transformer.forward and
+used only inside attention, where the sequence is whole.
 """
 
 from __future__ import annotations
@@ -68,7 +71,6 @@ def _block_plan() -> dict[str, ParallelStyle]:
     gather_x = PrepareModuleInput(
         input_layouts=(Shard(1), None, None, None),
         desired_input_layouts=(Replicate(), None, None, None),
-        use_local_output=True,
     )
     return {
         "attention_norm": SequenceParallel(),
@@ -76,14 +78,14 @@ def _block_plan() -> dict[str, ParallelStyle]:
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "ffn_norm": SequenceParallel(),
         "feed_forward": PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
         ),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
     }
 
 
@@ -115,7 +117,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool = Fal
     tied = model.output.weight is model.tok_embeddings.weight
 
     top_plan: dict[str, ParallelStyle] = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "tok_embeddings": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+        ),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(
             input_layouts=Shard(1),

@@ -27,7 +27,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from kfm.checkpoint import (
+    CheckpointError,
     find_latest_valid,
+    list_checkpoints,
     load_checkpoint,
     resolve_checkpoint_arg,
     save_checkpoint,
@@ -83,17 +85,8 @@ def seed_everything(seed: int, *, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def world_info(cfg: Config) -> WorldInfo:
-    """Rank, world size and local rank from the torchrun environment (1 process without it).
-
-    Raises:
-        ConfigError: parallel.backend=deepspeed, which this loop does not drive yet.
-    """
-    if cfg.parallel.backend == "deepspeed":
-        raise ConfigError(
-            "parallel.backend=deepspeed is not wired into `kfm train` yet "
-            "(use --parallel.backend=fsdp)"
-        )
+def world_info() -> WorldInfo:
+    """Rank, world size and local rank from the torchrun environment (1 process without it)."""
     return world_from_env()
 
 
@@ -217,8 +210,24 @@ def find_resume_point(cfg: Config, ckpt_root: Path) -> Path | None:
     if cfg.checkpoint.resume == "never":
         return None
     if cfg.checkpoint.resume == "auto":
+        if cfg.parallel.backend == "deepspeed":
+            return _latest_deepspeed_checkpoint(ckpt_root)
         return find_latest_valid(ckpt_root)
     return resolve_checkpoint_arg(cfg.checkpoint.resume)
+
+
+def _latest_deepspeed_checkpoint(ckpt_root: Path) -> Path | None:
+    """`find_latest_valid` for checkpoints written by the DeepSpeed backend (no DCP files)."""
+    from kfm.parallel.deepspeed import validate_deepspeed_checkpoint
+
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            validate_deepspeed_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping invalid checkpoint {path}: {e}", stacklevel=2)
+            continue
+        return path
+    return None
 
 
 def _fp8_scale_hook(model: nn.Module, cfg: Config) -> Any:
@@ -246,8 +255,8 @@ def resume_point(cfg: Config, ckpt_root: Path, world: WorldInfo) -> Path | None:
     if world.rank == 0:
         try:
             found = find_resume_point(cfg, ckpt_root)
-            if found is not None:
-                validate_checkpoint(found)
+            if found is not None and cfg.parallel.backend == "fsdp":
+                validate_checkpoint(found)  # the DeepSpeed backend's load validates on every rank
         except Exception as e:  # re-raised on every rank below, not only on rank 0
             error = e
     found, error = broadcast_from_rank0((found, error))
@@ -261,7 +270,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     Under torchrun (WORLD_SIZE > 1) it joins the process group first and leaves it at the end.
     """
-    world = world_info(cfg)
+    world = world_info()
     device = resolve_device(cfg.train.device)
     if not world.distributed:
         return _train(cfg, world, device)
@@ -273,9 +282,16 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
     rank = world.rank
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     # One process: no mesh, no process group, the model as built. Several: the data loader sees
-    # the data-parallel coordinates (tp ranks of one replica read the same batch).
-    mesh = build_mesh(cfg.parallel, world.world_size, device.type) if world.distributed else None
-    dp_rank, dp_size = dp_rank_size(mesh) if mesh is not None else (0, 1)
+    # the data-parallel coordinates (tp ranks of one replica read the same batch). DeepSpeed is
+    # data-parallel only and shards inside its engine: every rank is a data-parallel rank.
+    deepspeed = cfg.parallel.backend == "deepspeed"
+    mesh = None
+    if world.distributed and not deepspeed:
+        mesh = build_mesh(cfg.parallel, world.world_size, device.type)
+    if mesh is not None:
+        dp_rank, dp_size = dp_rank_size(mesh)
+    else:
+        dp_rank, dp_size = (world.rank, world.world_size) if deepspeed else (0, 1)
     accum = accumulation_steps(cfg, dp_size)
     run_dir = Path(cfg.train.run_root) / cfg.train.name
     ckpt_root = run_dir / "checkpoints"
@@ -302,6 +318,16 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
     after_update = _fp8_scale_hook(model, cfg)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=cfg.train.steps)
+    engine = None
+    if deepspeed:
+        from kfm.parallel.deepspeed import DeepSpeedBackend
+
+        # The engine takes over model, optimizer and scheduler (and casts params to bf16 with
+        # train.dtype=bf16, so no autocast); evaluation runs its module on every rank.
+        engine = DeepSpeedBackend(
+            model, cfg, optimizer=optimizer, scheduler=scheduler, loss_fn=cross_entropy_loss
+        )
+        model, autocast = engine.module, False
     val = (
         validation_batches(
             cfg.data.sources,
@@ -318,7 +344,9 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
 
     start_step = 0
     resume_from = resume_point(cfg, ckpt_root, world)
-    if resume_from is not None:
+    if resume_from is not None and engine is not None:
+        state = engine.load(resume_from, config=to_dict(cfg))  # with the scheduler's state
+    elif resume_from is not None:
         state = load_checkpoint(
             resume_from,
             model=model,
@@ -326,8 +354,9 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
             config=to_dict(cfg),
             verify_hashes=not world.distributed,  # rank 0 checked them in resume_point
         )
-        start_step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
+    if resume_from is not None:
+        start_step = state["step"]
         loader.load_state_dict(state["loader"])  # RNG states were restored by load_checkpoint
         saved_numpy = state.get("numpy_version")
         if saved_numpy and saved_numpy != np.__version__:
@@ -380,15 +409,24 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
             "loader": loader.state_dict(),
             "numpy_version": np.__version__,
         }
-        path = save_checkpoint(
-            ckpt_root,
-            step,
-            model=model,
-            optimizer=optimizer,
-            trainer_state=trainer_state,
-            config=to_dict(cfg),
-            keep_last=cfg.checkpoint.keep_last,
-        )
+        if engine is not None:
+            path = engine.save(
+                ckpt_root,
+                step,
+                trainer_state=trainer_state,
+                config=to_dict(cfg),
+                keep_last=cfg.checkpoint.keep_last,
+            )
+        else:
+            path = save_checkpoint(
+                ckpt_root,
+                step,
+                model=model,
+                optimizer=optimizer,
+                trainer_state=trainer_state,
+                config=to_dict(cfg),
+                keep_last=cfg.checkpoint.keep_last,
+            )
         logger.info(f"saved checkpoint {path}")
 
     stop = StopRequest()
@@ -399,9 +437,12 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
     step = start_step
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
-            result = train_step(
-                model, optimizer, scheduler, batches, cfg, device, accum, autocast=autocast
-            )
+            if engine is not None:
+                result = StepResult(*engine.step(batches))  # (loss, grad_norm, lr) as ours
+            else:
+                result = train_step(
+                    model, optimizer, scheduler, batches, cfg, device, accum, autocast=autocast
+                )
             if after_update is not None:
                 after_update()
             last = step == cfg.train.steps

@@ -1,7 +1,7 @@
 """Peak-RSS probe for the activation-checkpointing test: one fwd+bwd of a mid-size model.
 
 Run in a fresh process per mode (peak RSS is per process and never goes down):
-    python tests/parallel/_ac_memory.py {none,full,selective,selective_ops}
+    MALLOC_MMAP_THRESHOLD_=65536 python tests/parallel/_ac_memory.py {none,full,selective,selective_ops}
 Prints JSON: rss_before_mib (after building the model and the batch), peak_mib (ru_maxrss after
 one forward+backward) and their difference, the step's extra memory, activation-dominated.
 """

@@ -26,6 +26,11 @@ from kfm.train.optim import build_optimizer, build_scheduler
 REPO = Path(__file__).resolve().parents[2]
 
 
+def eval_tokens(vocab_size: int) -> torch.Tensor:
+    """Fixed (2, 65) random tokens on which the test compares the final models."""
+    return torch.randint(0, vocab_size, (2, 65), generator=torch.Generator().manual_seed(7))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -76,7 +81,11 @@ def main() -> None:
     t0 = time.perf_counter()
     for step in range(start + 1, cfg.train.steps + 1):
         result = backend.step(loader)
-        record["loss"][step] = result.loss.item()
+        loss = result.loss.clone()
+        if dist.is_initialized():  # the global-batch mean, as the trainer logs it
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        record["loss"][step] = loss.item()
         record["grad_norm"][step] = result.grad_norm.item()
         record["lr"][step] = result.lr
         if step in args.save_at:
@@ -87,6 +96,11 @@ def main() -> None:
                 config=to_dict(cfg),
             )
     record["train_s"] = time.perf_counter() - t0
+    # Evaluation through backend.module (every rank: under ZeRO-3 a forward gathers parameters).
+    tokens = eval_tokens(cfg.model.vocab_size).to(backend.device)
+    with torch.no_grad():
+        logits = backend.module.eval()(tokens[:, :-1])
+        record["eval_loss"] = cross_entropy_loss(logits, tokens[:, 1:])[0].item()
     if rank == 0:
         Path(args.out).write_text(json.dumps(record))
     dist.barrier()

@@ -115,12 +115,23 @@ def train_tiny(
             dist.all_reduce(value, group=dp_mesh.get_group())
             value /= dp
         losses.append(value.item())
+    seq_len_error = None
+    if tp > 1:  # sequence parallelism needs seq_len divisible by tp: apply_tp's check must fire
+        try:
+            model(tokens[:, :-1], doc_ids[:, :-1])
+        except ValueError as e:
+            seq_len_error = str(e)
     weights = {}
     for name, param in model.named_parameters():
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         # Activation checkpointing's wrapper is not part of the parameter's identity.
         weights[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().clone()
-    return {"losses": losses, "weights": weights, "initial": initial}
+    return {
+        "losses": losses,
+        "weights": weights,
+        "initial": initial,
+        "seq_len_error": seq_len_error,
+    }
 
 
 def run_torchrun(nproc: int, args: list[str], out: Path, *, timeout: float = 300) -> dict:

@@ -81,7 +81,10 @@ def test_ac_state_dict_keys_unchanged():
 
 
 def _peak_memory(mode: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A low mmap threshold makes glibc return every large freed tensor to the OS at once, so
+    # peak RSS tracks the live tensors instead of the allocator's cached free lists (without it
+    # the figures wander by +-20% run to run).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
         [sys.executable, str(MEMORY_PROBE), mode],
         env=env,
@@ -95,11 +98,15 @@ def _peak_memory(mode: str) -> dict:
 
 def test_ac_lowers_peak_memory():
     """Peak RSS of one fwd+bwd (8 blocks, batch 4 x 512 tokens, d_model 256), each mode in a fresh
-    process. Measured on the 2-core CI machine: step memory none 511 MiB, selective (every 2nd
-    block) 427 MiB, selective with the op-level policy 399 MiB, full 307 MiB. Asserted with margin
-    for allocator noise: full < 80% and selective < 95% of none."""
-    none, full, selective = (_peak_memory(m) for m in ("none", "full", "selective"))
-    print({r["mode"]: round(r["step_mib"]) for r in (none, full, selective)})
-    assert full["loss"] == none["loss"] == selective["loss"]
-    assert full["step_mib"] < 0.8 * none["step_mib"]
-    assert selective["step_mib"] < 0.95 * none["step_mib"]
+    process. Measured on the 2-core CI machine (step memory above the model's): none 437 MiB,
+    full 127 MiB, selective every 2nd block 262 MiB, selective with the op-level policy (save
+    matmul/attention outputs) 348 MiB, each stable to ~1 MiB run to run (under pytest all four
+    read ~43 MiB lower: 394 / 83 / 219 / 304). Asserted with margin: full < 50%, selective < 80%,
+    op-level < 95% of none."""
+    runs = {m: _peak_memory(m) for m in ("none", "full", "selective", "selective_ops")}
+    print({m: round(r["step_mib"]) for m, r in runs.items()})
+    assert len({r["loss"] for r in runs.values()}) == 1
+    none = runs["none"]["step_mib"]
+    assert runs["full"]["step_mib"] < 0.5 * none
+    assert runs["selective"]["step_mib"] < 0.8 * none
+    assert runs["selective_ops"]["step_mib"] < 0.95 * none

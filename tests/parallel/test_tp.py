@@ -54,14 +54,23 @@ def test_tp_degree_must_divide_heads():
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    ("loss_parallel", "tied", "qk_norm", "ac"),
-    [(False, True, False, "none"), (True, False, True, "full")],
-    ids=["replicated-logits-tied", "loss-parallel-untied-qknorm-ac"],
+    ("loss_parallel", "tied", "qk_norm", "ac", "compile"),
+    [
+        (False, True, False, "none", False),
+        (True, False, True, "full", False),
+        pytest.param(True, True, False, "full", True, marks=pytest.mark.slow),
+    ],
+    ids=["replicated-logits-tied", "loss-parallel-untied-qknorm-ac", "loss-parallel-ac-compile"],
 )
-def test_tp2_matches_single_process(tmp_path, loss_parallel, tied, qk_norm, ac):
-    """TP=2 (sequence parallel norms, colwise/rowwise attention and MLP) == 1 process (no AC:
-    test_ac.py shows AC changes nothing bitwise, so here it checks TP's collectives replay)."""
+def test_tp2_matches_single_process(tmp_path, loss_parallel, tied, qk_norm, ac, compile):
+    """TP=2 (sequence parallel norms, colwise/rowwise attention and MLP) == 1 process.
+
+    The reference runs without AC or compile: test_ac.py shows AC changes nothing bitwise, so
+    with TP it checks that recomputation replays TP's collectives correctly; the compiled case
+    (slow: two ranks compiling on two cores) runs parallelize's TP -> AC -> compile order.
+    """
     args = ["--tp", "2", "--ac", ac]
+    args += ["--compile"] if compile else []
     args += ["--loss-parallel"] if loss_parallel else []
     args += [] if tied else ["--untied"]
     args += ["--qk-norm"] if qk_norm else []
@@ -69,3 +78,4 @@ def test_tp2_matches_single_process(tmp_path, loss_parallel, tied, qk_norm, ac):
     reference = train_tiny(tie_embeddings=tied, qk_norm=qk_norm)
     assert reference["losses"][0] > 0 and torch.isfinite(torch.tensor(reference["losses"])).all()
     assert_parity(result, reference)
+    assert "set --data.seq_len to a multiple" in result["seq_len_error"]
