@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from kfm.train.trainer import train
 
     summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+        return 0
     first, last = summary.get("first_eval"), summary.get("last_eval")
     if first and last and first is not last:
         print(

@@ -256,6 +256,15 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0; 0 disables it (set --{key})")
+    par = cfg.parallel
+    if par.loss_parallel and par.tp == 1:
+        raise ConfigError(
+            "parallel.loss_parallel=true needs tensor parallelism (set --parallel.tp > 1)"
+        )
+    if par.ac == "selective" and par.ac_every < 1:
+        raise ConfigError(
+            f"parallel.ac_every={par.ac_every} must be >= 1 (set --parallel.ac_every)"
+        )
     if cfg.checkpoint.keep_last < 0:
         raise ConfigError("checkpoint.keep_last must be >= 0 (0 keeps every checkpoint)")
 

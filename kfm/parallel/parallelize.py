@@ -62,11 +62,11 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None) -> nn.Mo
     if mesh is not None and mesh["tp"].size() > 1:
         from kfm.parallel.tp import apply_tp
 
-        apply_tp(model, mesh["tp"])
+        apply_tp(model, mesh["tp"], loss_parallel=p.loss_parallel)
     if p.ac != "none":
         from kfm.parallel.ac import apply_ac
 
-        apply_ac(model, p)
+        apply_ac(model, p, save_matmuls=p.ac_policy == "op")
     if cfg.train.compile:
         from kfm.parallel.compile import apply_compile
 

@@ -27,9 +27,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from kfm.checkpoint import (
-    CheckpointError,
     find_latest_valid,
-    list_checkpoints,
     load_checkpoint,
     resolve_checkpoint_arg,
     save_checkpoint,
@@ -40,6 +38,7 @@ from kfm.data import Batch, PackedLoader, validation_batches
 from kfm.model.flops import flops_per_token, peak_flops
 from kfm.model.transformer import Transformer
 from kfm.parallel import build_mesh, dp_rank_size, mesh_shape, parallelize
+from kfm.parallel.tp import local_loss, loss_parallel_context
 from kfm.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
 from kfm.train.dist import (
     WorldInfo,
@@ -181,6 +180,7 @@ def train_step(
     over the data-parallel ranks, so the result is the gradient of the global-batch mean loss.
     """
     optimizer.zero_grad(set_to_none=True)
+    loss_parallel = cfg.parallel.loss_parallel and cfg.parallel.tp != 1
     autocast_ctx = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if cfg.train.dtype == "bf16" and autocast
@@ -191,10 +191,13 @@ def train_step(
         batch = loader.next_batch()
         with autocast_ctx:
             logits = model(batch.tokens.to(device), batch.doc_ids.to(device))
-        ce, z = cross_entropy_loss(logits, batch.labels.to(device), z_loss=cfg.optim.z_loss)
-        loss = ce if z is None else ce + z
-        (loss / accum).backward()
-        loss_sum += ce.detach()
+        # With TP loss parallelism the logits stay vocab-sharded: the loss and its backward
+        # must run inside loss_parallel (no-op context otherwise).
+        with loss_parallel_context(loss_parallel):
+            ce, z = cross_entropy_loss(logits, batch.labels.to(device), z_loss=cfg.optim.z_loss)
+            loss = ce if z is None else ce + z
+            (loss / accum).backward()
+        loss_sum += local_loss(ce.detach())
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     # Works on DTensor (FSDP2/TP) params too: the per-shard norms are combined across ranks.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -210,24 +213,8 @@ def find_resume_point(cfg: Config, ckpt_root: Path) -> Path | None:
     if cfg.checkpoint.resume == "never":
         return None
     if cfg.checkpoint.resume == "auto":
-        if cfg.parallel.backend == "deepspeed":
-            return _latest_deepspeed_checkpoint(ckpt_root)
-        return find_latest_valid(ckpt_root)
+        return find_latest_valid(ckpt_root)  # DCP and DeepSpeed manifests alike
     return resolve_checkpoint_arg(cfg.checkpoint.resume)
-
-
-def _latest_deepspeed_checkpoint(ckpt_root: Path) -> Path | None:
-    """`find_latest_valid` for checkpoints written by the DeepSpeed backend (no DCP files)."""
-    from kfm.parallel.deepspeed import validate_deepspeed_checkpoint
-
-    for path in reversed(list_checkpoints(ckpt_root)):
-        try:
-            validate_deepspeed_checkpoint(path)
-        except CheckpointError as e:
-            warnings.warn(f"skipping invalid checkpoint {path}: {e}", stacklevel=2)
-            continue
-        return path
-    return None
 
 
 def _fp8_scale_hook(model: nn.Module, cfg: Config) -> Any:
@@ -255,8 +242,8 @@ def resume_point(cfg: Config, ckpt_root: Path, world: WorldInfo) -> Path | None:
     if world.rank == 0:
         try:
             found = find_resume_point(cfg, ckpt_root)
-            if found is not None and cfg.parallel.backend == "fsdp":
-                validate_checkpoint(found)  # the DeepSpeed backend's load validates on every rank
+            if found is not None:
+                validate_checkpoint(found)
         except Exception as e:  # re-raised on every rank below, not only on rank 0
             error = e
     found, error = broadcast_from_rank0((found, error))

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from kfm.train.loss import cross_entropy_loss
 
@@ -43,6 +44,8 @@ def evaluate(
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
             logits = model(tokens, batch.doc_ids.to(device))
+        if isinstance(logits, DTensor):  # TP loss parallelism: vocab-sharded logits
+            logits = logits.full_tensor()  # gather once per val batch; off the training path
         ce, _ = cross_entropy_loss(logits, labels, reduction="none")  # (B, T) fp32
         keep = labels != bos_id if bos_id is not None else torch.ones_like(labels, dtype=torch.bool)
         total_nats += ce[keep].double().sum().item()
