@@ -83,17 +83,17 @@ def _dry_run(cfg, *, world_size: int | None) -> int:
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     print(f"tokens per step: {tokens:,}; total tokens: {tokens * cfg.train.steps:,}")
     print(f"training FLOPs per token: {flops_per_token(cfg.model, cfg.data.seq_len):.4g}")
+    if cfg.parallel.backend == "deepspeed":
+        from kfm.parallel.deepspeed import ds_config_yaml
+
+        print(f"--- DeepSpeed config for {world_size or 1} rank(s), generated from this config")
+        print(ds_config_yaml(cfg, world_size=world_size or 1), end="")
     if world_size is None:
         print(
             f"gradient accumulation: {cfg.train.global_batch_size // cfg.train.micro_batch_size} "
             "micro-batches per step (1 process); add --world-size N to plan a distributed run"
         )
         return 0
-    if cfg.parallel.backend == "deepspeed":
-        from kfm.parallel.deepspeed import ds_config_yaml
-
-        print("--- DeepSpeed config (generated from this kfm config)")
-        print(ds_config_yaml(cfg, world_size=world_size), end="")
     from kfm.parallel.plan import plan_report
 
     print(f"--- plan for world size {world_size}")

@@ -92,3 +92,12 @@ def test_dry_run_plans_the_256_gpu_preset(capsys):
     )
     out = capsys.readouterr().out
     assert "plan for world size 256" in out and "dp_replicate=32" in out and "FITS" in out
+
+
+def test_dry_run_shows_the_generated_deepspeed_config(capsys):
+    args = ["train", str(REPO / "configs/tiny.yaml"), "--dry-run", "--parallel.backend=deepspeed",
+            "--parallel.zero_stage=2"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "DeepSpeed config for 1 rank(s)" in out
+    assert "stage: 2" in out and "train_batch_size: 8" in out
