@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,22 +398,27 @@ class ShardSet:
                 f"stream of {self.n_tokens} tokens"
             )
 
+    def _segments(self, start: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """(file, local start, count, offset in the output) for each file the range touches."""
+        self._check_range(start, length)
+        pos, end = start, start + length
+        f = int(np.searchsorted(self._tok_starts, start, side="right")) - 1
+        while pos < end:
+            local = pos - int(self._tok_starts[f])
+            take = min(end - pos, self._bins[f].size - local)
+            yield f, local, take, pos - start
+            pos += take
+            f += 1
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the split's stream as int64 (may cross files).
 
         Raises:
             IndexError: the range is not inside [0, n_tokens).
         """
-        self._check_range(start, length)
         out = np.empty(length, dtype=np.int64)
-        pos, end = start, start + length
-        f = int(np.searchsorted(self._tok_starts, start, side="right")) - 1
-        while pos < end:
-            local = pos - int(self._tok_starts[f])
-            take = min(end - pos, self._bins[f].size - local)
-            out[pos - start : pos - start + take] = self._bins[f][local : local + take]
-            pos += take
-            f += 1
+        for f, local, take, at in self._segments(start, length):
+            out[at : at + take] = self._bins[f][local : local + take]
         return out
 
     def doc_index(self, start: int, length: int) -> np.ndarray:
@@ -422,18 +427,11 @@ class ShardSet:
         Raises:
             IndexError: the range is not inside [0, n_tokens).
         """
-        self._check_range(start, length)
         out = np.empty(length, dtype=np.int64)
-        pos, end = start, start + length
-        f = int(np.searchsorted(self._tok_starts, start, side="right")) - 1
-        while pos < end:
-            local = pos - int(self._tok_starts[f])
-            take = min(end - pos, self._bins[f].size - local)
+        for f, local, take, at in self._segments(start, length):
             positions = np.arange(local, local + take, dtype=np.int64)
             doc = np.searchsorted(self._idxs[f], positions, side="right") - 1
-            out[pos - start : pos - start + take] = doc + self._doc_starts[f]
-            pos += take
-            f += 1
+            out[at : at + take] = doc + self._doc_starts[f]
         return out
 
     def __repr__(self) -> str:
