@@ -1,1 +1,1 @@
-"""data_pipeline."""
+"""Curation pipeline on datatrove. Importing the package does not import datatrove."""

@@ -216,6 +216,21 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_data_pii_report(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise ConfigError(f"kfm data pii-report takes no config overrides, got {overrides}")
+    from data_pipeline.pii import pii_report
+
+    counts = pii_report(args.input, args.output)
+    total = sum(counts.values())
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+    print(
+        f"PII spans found: {total} ({summary})",
+        file=sys.stderr if args.output is None else sys.stdout,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kfm",
@@ -324,6 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip loading the export with transformers and comparing logits",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "data",
+        help="curation tools (PII audit)",
+        description="Curation tools for the corpus before training and release.",
+    )
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dp = dsub.add_parser(
+        "pii-report",
+        help="list the PII spans found in each document of a JSONL file",
+        description="Audit a corpus for personal data: for each input document (one JSON object "
+        "per line with a `text` field) write its PII spans (type, start, end, text) as one JSON "
+        "line, to OUT or standard output.",
+    )
+    dp.add_argument("input", help="JSONL file with a `text` field per line")
+    dp.add_argument("-o", "--output", default=None, help="output JSONL (default: standard output)")
+    dp.set_defaults(func=cmd_data_pii_report)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ SURFACE = {
     ],
     "eval": ["--batches", "--data", "--tokenizer", "checkpoint"],
     "export": ["--dtype", "--no-verify", "--overwrite", "--tokenizer", "checkpoint", "out_dir"],
+    "data pii-report": ["--output", "input"],
 }
 
 
@@ -61,7 +63,17 @@ def test_cli_surface_is_frozen():
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["train"], ["tokenizer"], ["tokenizer", "train"], ["pack"], ["eval"], ["export"]],
+    [
+        [],
+        ["train"],
+        ["tokenizer"],
+        ["tokenizer", "train"],
+        ["pack"],
+        ["eval"],
+        ["export"],
+        ["data"],
+        ["data", "pii-report"],
+    ],
 )
 def test_help_on_every_command(command):
     out = subprocess.run(
@@ -101,3 +113,19 @@ def test_dry_run_shows_the_generated_deepspeed_config(capsys):
     out = capsys.readouterr().out
     assert "DeepSpeed config for 1 rank(s)" in out
     assert "stage: 2" in out and "train_batch_size: 8" in out
+
+
+def test_data_pii_report_writes_spans_per_document(tmp_path, capsys):
+    src = tmp_path / "notes.jsonl"
+    src.write_text(
+        '{"id": "a", "text": "Call 010-1234-5678 or mail kim@example.com."}\n'
+        '{"id": "b", "text": "HbA1c 6.5% on 2024-01-15."}\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "report.jsonl"
+    assert main(["data", "pii-report", str(src), "-o", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert sorted(s["type"] for s in rows[0]["spans"]) == ["email", "phone"]
+    assert rows[1]["spans"] == []
+    assert "PII spans found: 2" in capsys.readouterr().out

@@ -1,0 +1,359 @@
+"""Find and scrub personal data (PII) in Korean and English medical text, in pure Python.
+
+Detection is regular expressions plus small validators (calendar dates, Luhn, card prefixes,
+IP octets, keyword context). Offsets are Python ``str`` indices (code points), not bytes.
+
+Rules and decisions, per type (``PLACEHOLDERS`` maps each type to the tokenizer's token):
+
+- ``email``: ``local@domain.tld`` with an alphabetic TLD of 2+ letters.
+- ``phone``: Korean mobile (010, 011, 016-019), Seoul 02 and regional 031-064 landlines, 070
+  internet phones, 0502-0508 personal "safe numbers", ``+82`` forms (with or without ``(0)``),
+  other ``+CC`` international forms (7-15 digits in all, E.164), and North-American
+  ``(212) 555-0100`` / ``212-555-0100`` forms. Separators: hyphen, dot, space or none (NANP
+  needs one). Business numbers are deliberately NOT scrubbed: Korean representative numbers
+  (15xx/16xx/18xx-xxxx) and NANP toll-free codes (800, 833-888) belong to hospitals and
+  companies, are public, and clinic FAQs are full of them. Other organisations' landlines cannot
+  be told from personal ones and are scrubbed.
+- ``rrn`` / ``frn``: ``YYMMDD-GNNNNNN`` (hyphen, en dash, space or no separator). The date must
+  exist in the century the gender digit ``G`` gives (1/2/5/6: 1900s, 3/4/7/8: 2000s, 9/0: 1800s);
+  ``G`` in 1-4, 9, 0 is a resident number, 5-8 a foreigner number. The checksum is NOT required:
+  numbers issued since October 2020 have random last six digits, so a failed checksum never
+  clears a match (:func:`rrn_checksum_ok` reports it for callers who want it as metadata).
+  A masked tail (``900101-1******``) still counts: birth date and sex identify a patient.
+- ``health_insurance``: an 11-digit number (any hyphens/spaces between digits) counts only when a
+  keyword (건강보험, 보험증, 건보, 의료보험, 가입자, 증번호, health insurance, insurance/member/card
+  no/number/id ...) occurs within the 20 characters before it. Without context an 11-digit number
+  is too common (orders, accessions) to be called personal. An 11-digit mobile number next to
+  such a keyword stays a phone (equal length: phone ranks first).
+- ``credit_card``: 13-19 digits, optionally in hyphen/space-separated groups, Luhn-valid, with a
+  known issuer prefix (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay); groups of
+  fewer than 3 digits break a candidate (table columns of small numbers are not cards).
+- ``ip``: IPv4 with octets 0-255 (no leading zeros) and IPv6 (validated by :mod:`ipaddress`, at
+  least three hex groups). An IPv4-shaped run right after version/section words ("version",
+  "ver", "release", "build", "section", "chapter", "table", "fig", "EC"/"E.C." enzyme numbers,
+  "formula", 버전, 판) is a version, section or enzyme number, not an address.
+- ``url_cred``: the whole URL when it carries credentials, either ``scheme://user:pass@host`` or
+  a secret query parameter (token, access_token, refresh_token, password, passwd, pwd, api_key,
+  apikey, secret, client_secret, auth, sig/signature, session/sessionid/sid). The whole URL is
+  replaced, because its host and path often identify the account too.
+
+On overlaps the longest span wins; on equal length the more specific type (``_PRIORITY``).
+"""
+
+from __future__ import annotations
+
+import calendar
+import ipaddress
+import json
+import re
+import sys
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kfm.fs import atomic_write_text
+from kfm.tokenizer import PII_TOKENS
+
+PLACEHOLDERS: dict[str, str] = {
+    "email": "<|email|>",
+    "phone": "<|phone|>",
+    "rrn": "<|rrn|>",
+    "frn": "<|frn|>",
+    "health_insurance": "<|health_insurance|>",
+    "credit_card": "<|credit_card|>",
+    "ip": "<|ip|>",
+    "url_cred": "<|url_cred|>",
+}
+"""PII type -> the placeholder written in its place (the tokenizer's PII special tokens)."""
+PII_TYPES: tuple[str, ...] = tuple(PLACEHOLDERS)
+
+# Import-time guard: a placeholder the tokenizer does not keep whole would be split into pieces.
+if set(PLACEHOLDERS.values()) != set(PII_TOKENS):  # pragma: no cover
+    raise RuntimeError("data_pipeline.pii.PLACEHOLDERS differs from kfm.tokenizer.PII_TOKENS")
+
+# Lower rank wins when two candidates have the same length.
+_PRIORITY = {t: i for i, t in enumerate(("url_cred", "email", "rrn", "frn", "credit_card"))}
+_PRIORITY.update({"phone": 5, "health_insurance": 6, "ip": 7})
+
+
+@dataclass(frozen=True)
+class PIISpan:
+    """One piece of personal data: its type, ``text[start:end]`` offsets and the matched text."""
+
+    type: str
+    start: int
+    end: int
+    text: str
+
+
+# ASCII boundaries: ``\b``/``\w`` would treat Hangul as word characters, and Korean text glues
+# particles and labels straight onto numbers ("전화010-0000-0000로").
+_L = r"(?<![0-9A-Za-z])(?<![0-9][-.])"
+_R = r"(?![0-9A-Za-z])(?![-.][0-9])"
+_SEP = r"[-. ]?"
+
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}(?![A-Za-z0-9-])"
+)
+
+_KR_AREA = r"(?:02|03[1-3]|04[1-4]|05[1-5]|06[1-4]|070|050[2-8])"
+_PHONE_PATTERNS = [
+    # Korean mobile.
+    re.compile(_L + r"01[016789]" + _SEP + r"\d{3,4}" + _SEP + r"\d{4}" + _R),
+    # Korean landline / 070 / 050x, area code optionally in parentheses: (02) 000-0000, and
+    # the "02)000-0000" form of Korean letterheads.
+    re.compile(
+        _L + r"(?:\(?" + _KR_AREA + r"\)\s?|" + _KR_AREA + _SEP + r")\d{3,4}" + _SEP + r"\d{4}" + _R
+    ),
+    # +82, optional (0), then the national number without its leading 0.
+    re.compile(
+        r"(?<![0-9A-Za-z+])\+82[-. ]?(?:\(0\)[-. ]?)?(?:1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70)"
+        + _SEP
+        + r"\d{3,4}"
+        + _SEP
+        + r"\d{4}"
+        + _R
+    ),
+    # North American Numbering Plan: needs a separator or parentheses to be told from IDs.
+    # Toll-free area codes (800, 833...888) are business numbers, like Korea's 15xx, so skipped.
+    re.compile(
+        _L + r"(?:\((?!8(\d)\1)[2-9]\d{2}\)\s?|(?!8(\d)\2)[2-9]\d{2}[-.])[2-9]\d{2}[-.]\d{4}" + _R
+    ),
+]
+# Other international numbers; the digit count is checked after matching.
+_INTL_PHONE = re.compile(
+    r"(?<![0-9A-Za-z+])\+(?!82)[1-9]\d{0,2}(?:[-. ]?(?:\(\d{1,5}\)|\d{1,5})){2,6}(?![0-9A-Za-z])"
+)
+
+_RRN = re.compile(
+    _L + r"(?P<yy>\d{2})(?P<mm>0[1-9]|1[0-2])(?P<dd>0[1-9]|[12]\d|3[01])"
+    r"[-\u2013 ]?(?P<g>\d)(?P<tail>\d{6}|\*{6})" + r"(?![0-9A-Za-z*])"
+)
+_CENTURY = {"1": 1900, "2": 1900, "5": 1900, "6": 1900, "3": 2000, "4": 2000, "7": 2000, "8": 2000}
+_CENTURY.update({"9": 1800, "0": 1800})
+
+_HI_NUMBER = re.compile(r"(?<![0-9A-Za-z])\d(?:[- ]?\d){10}(?![0-9A-Za-z])(?![-.][0-9])")
+_HI_KEYWORD = re.compile(
+    r"건강\s?보험|보험증|건보|의료\s?보험|가입자|증\s?번호|health[\s-]*insurance|"
+    r"(?:insurance|member|card|policy)\s*(?:no\b|number|id\b|#)",
+    re.IGNORECASE,
+)
+_HI_WINDOW = 20
+
+_DIGIT_GROUPS = re.compile(r"(?<![0-9A-Za-z])\d+(?:[- ]\d+)*(?![0-9A-Za-z])")
+_CARD_PREFIXES = re.compile(
+    r"4|5[1-5]|2(?:2[2-9][1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6011|64[4-9]|65|"
+    r"35(?:2[89]|[3-8]\d)|30[0-5]|36|3[89]|62"
+)
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(r"(?<![0-9A-Za-z.])(?:" + _OCTET + r"\.){3}" + _OCTET + r"(?![0-9A-Za-z]|\.\d)")
+_VERSION_CONTEXT = re.compile(
+    r"(?<![A-Za-z])(?:version|ver\.?|release|build|rev\.?|section|sec\.|chapter|table|"
+    r"fig\.?|figure|EC|E\.C\.|EC\)?\s*No\.?|formula(?:\s+of)?|버전|판|\u00a7)\s*[:#=]?\s*$",
+    re.IGNORECASE,
+)
+_IPV6 = re.compile(r"(?<![0-9A-Za-z:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![0-9A-Za-z:])")
+
+_URL_CHARS = r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]"
+_URL = re.compile(r"(?<![A-Za-z0-9])[A-Za-z][A-Za-z0-9+.-]{1,15}://" + _URL_CHARS + "+")
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]+:[^/?#@\s]+@")
+_SECRET_PARAM = re.compile(
+    r"[?&;](?:access_?token|refresh_?token|token|password|passwd|pwd|api_?key|apikey|"
+    r"client_?secret|secret|auth|sig|signature|session(?:id)?|sid)=[^&#\s]+",
+    re.IGNORECASE,
+)
+
+
+def luhn_ok(digits: str) -> bool:
+    """Whether a string of ASCII digits passes the Luhn check (payment cards)."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def rrn_checksum_ok(digits: str) -> bool:
+    """Whether a 13-digit Korean resident/foreigner registration number has a valid check digit.
+
+    Metadata only: numbers issued since October 2020 have random trailing digits, so a failure
+    here does not mean the number is not a registration number. Foreigner numbers (G in 5-8)
+    use the old offset of 13 instead of 11.
+    """
+    if len(digits) != 13 or not digits.isdigit():
+        return False
+    weights = (2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5)
+    s = sum(int(d) * w for d, w in zip(digits, weights, strict=False))
+    offset = 13 if digits[6] in "5678" else 11
+    return (offset - s % 11) % 10 == int(digits[12])
+
+
+def _valid_birth_date(yy: str, mm: str, dd: str, g: str) -> bool:
+    year = _CENTURY[g] + int(yy)
+    return int(dd) <= calendar.monthrange(year, int(mm))[1]
+
+
+def _find_cards(text: str) -> Iterable[tuple[int, int]]:
+    # Runs of digit groups; a card may be any whole-group sub-run of 13-19 digits, so a card
+    # followed by an expiry ("4111 1111 1111 1111 1225") is still found.
+    for m in _DIGIT_GROUPS.finditer(text):
+        groups = [(g.start(), g.end()) for g in re.finditer(r"\d+", m.group())]
+        base = m.start()
+        best: tuple[int, int] | None = None
+        for i in range(len(groups)):
+            n = 0
+            for j in range(i, len(groups)):
+                # Cards print in groups of 3+ digits (4-4-4-4, 4-6-5, 4-4-4-4-3); runs of short
+                # groups are table columns ("225 11 16 250 13 18 ...").
+                if groups[j][1] - groups[j][0] < 3:
+                    break
+                n += groups[j][1] - groups[j][0]
+                if n > 19:
+                    break
+                if n < 13:
+                    continue
+                s, e = base + groups[i][0], base + groups[j][1]
+                digits = re.sub(r"\D", "", text[s:e])
+                longer = best is None or e - s > best[1] - best[0]
+                if longer and _CARD_PREFIXES.match(digits) and luhn_ok(digits):
+                    best = (s, e)
+        if best is not None:
+            yield best
+
+
+def _candidates(text: str, types: frozenset[str]) -> Iterable[tuple[str, int, int]]:
+    if "email" in types:
+        for m in _EMAIL.finditer(text):
+            yield "email", m.start(), m.end()
+    if "phone" in types:
+        for pat in _PHONE_PATTERNS:
+            for m in pat.finditer(text):
+                yield "phone", m.start(), m.end()
+        for m in _INTL_PHONE.finditer(text):
+            n_digits = sum(c.isdigit() for c in m.group())
+            if 7 <= n_digits <= 15:
+                yield "phone", m.start(), m.end()
+    if types & {"rrn", "frn"}:
+        for m in _RRN.finditer(text):
+            g = m.group("g")
+            if not _valid_birth_date(m.group("yy"), m.group("mm"), m.group("dd"), g):
+                continue
+            kind = "frn" if g in "5678" else "rrn"
+            if kind in types:
+                yield kind, m.start(), m.end()
+    if "health_insurance" in types:
+        for m in _HI_NUMBER.finditer(text):
+            if _HI_KEYWORD.search(text, max(0, m.start() - _HI_WINDOW), m.start()):
+                yield "health_insurance", m.start(), m.end()
+    if "credit_card" in types:
+        for s, e in _find_cards(text):
+            yield "credit_card", s, e
+    if "ip" in types:
+        for m in _IPV4.finditer(text):
+            if not _VERSION_CONTEXT.search(text, max(0, m.start() - 16), m.start()):
+                yield "ip", m.start(), m.end()
+        for m in _IPV6.finditer(text):
+            if sum(1 for g in m.group().split(":") if g) < 3:
+                continue
+            try:
+                ipaddress.IPv6Address(m.group())
+            except ValueError:
+                continue
+            yield "ip", m.start(), m.end()
+    if "url_cred" in types:
+        for m in _URL.finditer(text):
+            url = m.group().rstrip(".,;:!?'\")]}")
+            if _USERINFO.match(url) or _SECRET_PARAM.search(url):
+                yield "url_cred", m.start(), m.start() + len(url)
+
+
+def find_pii(text: str, *, types: Iterable[str] | None = None) -> list[PIISpan]:
+    """All PII spans in ``text``, sorted by start and non-overlapping.
+
+    ``types`` restricts detection to those PII types (default: all of ``PII_TYPES``). Where
+    candidates overlap, the longest wins, then the more specific type. Raises ``ValueError`` on
+    an unknown type.
+    """
+    wanted = frozenset(PII_TYPES if types is None else types)
+    if unknown := wanted - set(PII_TYPES):
+        raise ValueError(f"unknown PII types {sorted(unknown)}; known: {list(PII_TYPES)}")
+    cands = sorted(
+        set(_candidates(text, wanted)), key=lambda c: (c[1] - c[2], _PRIORITY[c[0]], c[1])
+    )
+    starts: list[int] = []
+    ends: list[int] = []
+    kinds: list[str] = []
+    for kind, s, e in cands:
+        i = bisect_left(starts, s)
+        # Overlap with the accepted span before (ends after s) or after (starts before e).
+        if (i > 0 and ends[i - 1] > s) or (i < len(starts) and starts[i] < e):
+            continue
+        starts.insert(i, s)
+        ends.insert(i, e)
+        kinds.insert(i, kind)
+    return [PIISpan(k, s, e, text[s:e]) for k, s, e in zip(kinds, starts, ends, strict=True)]
+
+
+def scrub(text: str, *, types: Iterable[str] | None = None) -> tuple[str, Counter[str]]:
+    """``text`` with each PII span replaced by its placeholder, and the count of spans per type.
+
+    ``types`` as in :func:`find_pii`.
+    """
+    parts: list[str] = []
+    counts: Counter[str] = Counter()
+    pos = 0
+    for span in find_pii(text, types=types):
+        parts.append(text[pos : span.start])
+        parts.append(PLACEHOLDERS[span.type])
+        counts[span.type] += 1
+        pos = span.end
+    parts.append(text[pos:])
+    return "".join(parts), counts
+
+
+def pii_report(in_path: str | Path, out_path: str | Path | None = None) -> dict[str, int]:
+    """Audit a JSONL corpus: for each document, the PII spans found in its ``text`` field.
+
+    Writes one JSON line per input document, ``{"id", "spans": [{"type", "start", "end",
+    "text"}]}`` (``id`` is the document's ``id`` or else its 1-based line number), to
+    ``out_path`` atomically, or to stdout when ``out_path`` is None. Blank lines are skipped.
+    Returns the number of spans per type (every type present, zeros included).
+
+    Raises ``ValueError`` naming the file and line when a line is not a JSON object with a
+    string ``text`` field.
+    """
+    in_path = Path(in_path)
+    counts = dict.fromkeys(PII_TYPES, 0)
+    out_lines: list[str] = []
+    with open(in_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{in_path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise ValueError(f"{in_path}:{lineno}: expected a JSON object with a string 'text'")
+            spans = find_pii(doc["text"])
+            for sp in spans:
+                counts[sp.type] += 1
+            rec = {
+                "id": doc.get("id", lineno),
+                "spans": [
+                    {"type": sp.type, "start": sp.start, "end": sp.end, "text": sp.text}
+                    for sp in spans
+                ],
+            }
+            out_lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    if out_path is None:
+        sys.stdout.write("".join(out_lines))
+    else:
+        atomic_write_text(out_path, "".join(out_lines))
+    return counts
