@@ -261,6 +261,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "parallel.loss_parallel=true needs tensor parallelism (set --parallel.tp > 1)"
         )
+    if par.fp8 == "mxfp8" and cfg.train.dtype != "bf16":
+        # torchao's MXFP8 training expects bf16 parameters (FSDP2's bf16 param dtype); with fp32
+        # weights under autocast its emulated kernels fail.
+        raise ConfigError("parallel.fp8=mxfp8 needs bf16 parameters: set --train.dtype=bf16")
+    if par.fp8_all_gather and par.fp8 != "tensorwise":
+        raise ConfigError("parallel.fp8_all_gather=true needs --parallel.fp8=tensorwise")
     if par.ac == "selective" and par.ac_every < 1:
         raise ConfigError(
             f"parallel.ac_every={par.ac_every} must be >= 1 (set --parallel.ac_every)"

@@ -59,6 +59,15 @@ def test_cross_field_validation_names_the_flag():
         load_config(None, ["--data.seq_len=4096", "--model.max_seq_len=2048"])
 
 
+def test_parallel_combinations_are_checked():
+    with pytest.raises(ConfigError, match=r"--train.dtype=bf16"):
+        load_config(None, ["--parallel.fp8=mxfp8"])
+    with pytest.raises(ConfigError, match=r"--parallel.fp8=tensorwise"):
+        load_config(None, ["--parallel.fp8=rowwise", "--parallel.fp8_all_gather=true"])
+    with pytest.raises(ConfigError, match=r"--parallel.tp > 1"):
+        load_config(None, ["--parallel.loss_parallel=true"])
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="section and a key"):
         parse_overrides(["--lr=1"])
