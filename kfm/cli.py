@@ -137,8 +137,6 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_pack(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise ConfigError(f"kfm pack takes no config overrides, got {overrides}")
     from kfm.data.pack import pack
 
     manifest = pack(
@@ -164,8 +162,6 @@ def cmd_pack(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise ConfigError(f"kfm eval takes no config overrides, got {overrides}")
     from eval.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(
@@ -179,8 +175,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise ConfigError(f"kfm export takes no config overrides, got {overrides}")
     import torch
 
     from kfm.checkpoint import load_model_state, resolve_checkpoint_arg
@@ -217,8 +211,6 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_data_pii_report(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise ConfigError(f"kfm data pii-report takes no config overrides, got {overrides}")
     from data_pipeline.pii import pii_report
 
     counts = pii_report(args.input, args.output)
@@ -245,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or resume a model. " + _OVERRIDES_HELP,
     )
     _add_config_args(p, required=True)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = sub.add_parser(
         "tokenizer",
@@ -261,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(tp, required=False)
     tp.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer.path")
-    tp.set_defaults(func=cmd_tokenizer)
+    tp.set_defaults(func=cmd_tokenizer, takes_overrides=True)
 
     p = sub.add_parser(
         "pack",
@@ -362,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_overrides", False):
+        # Only config-driven commands take --section.key=value; elsewhere it is a typo.
+        parser.error(f"unrecognized arguments for kfm {args.command}: {' '.join(rest)}")
     try:
         return args.func(args, rest)
     except ConfigError as e:
