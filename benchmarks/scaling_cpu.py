@@ -33,7 +33,7 @@ def run(backend: str, procs: int, args: argparse.Namespace, sources: list[dict],
     name = f"{backend}_{procs}"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={procs}", "-m", "kfm.cli", "train", "configs/tiny.yaml",
+        f"--nproc-per-node={procs}", "-m", "kfm_cli", "train", "configs/tiny.yaml",
         *tiny_overrides(sources, root, name),
         f"--parallel.backend={backend}", f"--train.steps={args.steps}",
         f"--train.global_batch_size={args.global_batch}", "--train.micro_batch_size=2",

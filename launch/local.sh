@@ -15,4 +15,4 @@ shift
 # the CPU. torchrun sets 1 itself only when it is unset, with a warning; say it here once.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec python -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-auto}" \
-    -m kfm.cli train "$CONFIG" "$@"
+    -m kfm_cli train "$CONFIG" "$@"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kfm.cli import build_parser, main
+from kfm_cli import build_parser, main
 from tests.conftest import REPO
 
 SURFACE = {
@@ -81,7 +81,7 @@ def test_cli_surface_is_frozen():
 )
 def test_help_on_every_command(command):
     out = subprocess.run(
-        [sys.executable, "-m", "kfm.cli", *command, "--help"],
+        [sys.executable, "-m", "kfm_cli", *command, "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kfm.checkpoint import load_model_state
-from kfm.cli import main
+from kfm_cli import main
 from kfm.config import config_from_dict
 from kfm.data import validation_batches
 from kfm.model.transformer import Transformer

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from kfm.config.errors import ConfigError
+from kfm.config.faults import parse_fault
 from kfm.config.schema import Config
 
 T = TypeVar("T")
@@ -46,10 +48,6 @@ _Loader.add_implicit_resolver(
 
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
-class ConfigError(ValueError):
-    """A config problem, phrased so that the message alone says how to fix it."""
 
 
 def _suggest(key: str, valid: list[str], prefix: str) -> str:
@@ -327,6 +325,37 @@ def validate(cfg: Config) -> None:
         )
     if cfg.checkpoint.keep_last < 0:
         raise ConfigError("checkpoint.keep_last must be >= 0 (0 keeps every checkpoint)")
+    if par.collective_timeout_s <= 0:
+        raise ConfigError(
+            f"parallel.collective_timeout_s={par.collective_timeout_s} must be > 0 "
+            "(set --parallel.collective_timeout_s)"
+        )
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be > 0 or null (the table)")
+    g = cfg.guard
+    if g.spike_sigma < 0 or g.spike_window < 2 or g.max_consecutive_skips < 1:
+        raise ConfigError(
+            f"guard: spike_sigma={g.spike_sigma} must be >= 0 (0 disables), spike_window="
+            f"{g.spike_window} >= 2 and max_consecutive_skips={g.max_consecutive_skips} >= 1 "
+            "(set --guard.spike_sigma, --guard.spike_window, --guard.max_consecutive_skips)"
+        )
+    for spec in cfg.debug.faults:
+        parse_fault(spec)
+    h = cfg.health
+    for key in ("watchdog_s", "watchdog_first_step_s", "straggler_factor", "straggler_min_s"):
+        if getattr(h, key) < 0:
+            raise ConfigError(f"health.{key}={getattr(h, key)} must be >= 0 (set --health.{key})")
+    if h.straggler_factor and h.straggler_factor <= 1:
+        raise ConfigError(
+            f"health.straggler_factor={h.straggler_factor} must be > 1 (or 0 to disable)"
+        )
+    if h.profile_steps and (
+        len(h.profile_steps) != 2 or not 1 <= h.profile_steps[0] <= h.profile_steps[1]
+    ):
+        raise ConfigError(
+            f"health.profile_steps={h.profile_steps} must be [first, last] with "
+            "1 <= first <= last, e.g. --health.profile_steps='[10, 12]'"
+        )
 
 
 # re-exported for callers that only need types

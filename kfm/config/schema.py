@@ -81,8 +81,11 @@ class DataConfig:
     """Tokens per training sequence (each sample reads seq_len + 1 tokens for the shifted target)."""
     seed: int = 1234
     """Seed of the mixture draw and per-epoch shuffles."""
-    verify: Literal["size", "sha256"] = "sha256"
-    """Shard check at open: sizes only, or sizes plus the manifest's sha256 (reads every byte)."""
+    verify: Literal["size", "spread", "sha256"] = "spread"
+    """Shard check at start-up. size: manifest, file sizes and document indexes; spread: that plus
+    the sha256 of every shard file, each file hashed by one rank (the work spread over the ranks);
+    sha256: every rank hashes every file it opens (slow at scale: ``kfm data verify`` checks a
+    shard set once, outside training)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -137,6 +140,9 @@ class TrainConfig:
     """torch.compile the model (inductor)."""
     deterministic: bool = True
     """Use deterministic algorithms where torch offers them (needed for bitwise resume)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device, for MFU; None: the datasheet figure of the GPU for the
+    compute dtype (bf16, or fp8 with parallel.fp8), or kfm.model.flops.CPU_NOMINAL_TFLOPS on CPU."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -171,6 +177,13 @@ class ParallelConfig:
     """FSDP2: all-gather weights in fp8 (tensorwise recipe only)."""
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend: auto = nccl on CUDA, gloo on CPU."""
+    grad_sync: Literal["last", "every"] = "last"
+    """FSDP2 gradient accumulation: last = reduce-scatter (and HSDP all-reduce) only after the
+    last micro-batch of a step (the others accumulate unsharded gradients: one full gradient copy
+    per rank); every = after every micro-batch (less memory, one reduction per micro-batch)."""
+    collective_timeout_s: float = 900.0
+    """Seconds a collective may block before the process group aborts it (NCCL and gloo); a
+    stuck rank then ends the run with an error instead of a silent hang."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -181,6 +194,11 @@ class CheckpointConfig:
     """Keep this many newest checkpoints; 0 keeps all."""
     resume: str = "auto"
     """auto: newest valid checkpoint of this run if any; never: start fresh; or a checkpoint path."""
+    async_save: bool = True
+    """Copy the state to host memory and write the files in a background thread while training
+    goes on (at most one save in flight); false blocks the loop until the files are written."""
+    verify: Literal["size", "sha256"] = "sha256"
+    """Check at resume: file sizes only, or sizes plus sha256, each file hashed by one rank."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -210,6 +228,46 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class GuardConfig:
+    skip_nonfinite: bool = True
+    """Skip an update whose loss or gradient norm is NaN or inf: weights and optimizer state stay
+    as they were, the step counts as done (its data is consumed). false stops the run instead."""
+    spike_sigma: float = 6.0
+    """Also skip an update whose loss or gradient norm exceeds the mean of the last
+    spike_window accepted steps by this many standard deviations; 0 disables spike detection."""
+    spike_window: int = 100
+    """Accepted steps in the running loss/grad-norm statistics; spike checks start once it is full."""
+    max_consecutive_skips: int = 10
+    """Stop the run with an error after this many skipped updates in a row."""
+
+
+@dataclass(kw_only=True, slots=True)
+class HealthConfig:
+    watchdog_s: float = 600.0
+    """If no step completes for this many seconds, dump every thread's stack on this rank (to
+    stderr and hang_rank{r}.txt in the run directory) and exit non-zero; 0 disables."""
+    watchdog_first_step_s: float = 1800.0
+    """The same limit for the first step after start or resume (it compiles and warms up)."""
+    straggler_factor: float = 2.0
+    """On log steps, name ranks whose own work per step (data loading, local compute) exceeds
+    the median over ranks by this factor; 0 disables the per-rank report."""
+    straggler_min_s: float = 0.05
+    """Differences below this many seconds per step are never reported as stragglers."""
+    profile_steps: list[int] = field(default_factory=list)
+    """Trace steps [first, last] with torch.profiler into the run directory's profile/; empty: off."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DebugConfig:
+    faults: list[str] = field(default_factory=list)
+    """Fault injection for tests and drills, each "KIND@STEPS[:rRANK][=VALUE]": nan (NaN loss),
+    spike (logits x VALUE), sleep (VALUE seconds at step start), hang (block forever), sigkill
+    (after the step, checkpoint included); STEPS is N, N-M or N- (N onwards); see docs/training.md."""
+    trace_batches: str = ""
+    """Directory where each rank appends the samples it consumed (batches_rank{r}.jsonl); empty: off."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -221,3 +279,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)

@@ -331,8 +331,8 @@ class ShardSet:
                 absent, missing or truncated file, bad .idx, or sha256 mismatch; each names the file.
             ValueError: unknown ``verify`` mode.
         """
-        if verify not in ("size", "sha256"):
-            raise ValueError(f"verify={verify!r} must be 'size' or 'sha256'")
+        if verify not in ("size", "spread", "sha256"):
+            raise ValueError(f"verify={verify!r} must be 'size', 'spread' or 'sha256'")
         root = Path(path)
         mpath = root / MANIFEST_NAME
         repack = "re-run `kfm pack` to rebuild the shard set"

@@ -1,7 +1,7 @@
 """Process-group life cycle and the few collectives the training loop needs.
 
 torchrun (or srun + torchrun) sets RANK, WORLD_SIZE and LOCAL_RANK (plus MASTER_ADDR/PORT); a
-plain ``python -m kfm.cli train`` sets none of them and runs as world size 1 with no process
+plain ``python -m kfm_cli train`` sets none of them and runs as world size 1 with no process
 group at all, so the single-process path never touches torch.distributed.
 """
 

@@ -39,7 +39,7 @@ def _args(out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "kfm.cli",
+        "kfm_cli",
         "data",
         "run",
         str(SAMPLE_CONFIG),
@@ -116,7 +116,7 @@ def test_sample_run_trains(sample_run: Path, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "kfm.cli",
+            "kfm_cli",
             "train",
             str(sample_run / "train.yaml"),
             "--train.steps=2",
@@ -136,7 +136,7 @@ def test_sample_run_trains(sample_run: Path, tmp_path: Path) -> None:
 def test_card_command_rewrites_card(sample_run: Path, tmp_path: Path) -> None:
     dest = tmp_path / "card.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "kfm.cli", "data", "card", str(sample_run), "-o", str(dest)],
+        [sys.executable, "-m", "kfm_cli", "data", "card", str(sample_run), "-o", str(dest)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,7 +1,7 @@
 """Run `kfm train` under torchrun with N gloo processes (or as one plain process) and read back
 what the run wrote: per-step losses, validation metrics, checkpoints, the batch trace.
 
-Every run is a real `python -m torch.distributed.run ... -m kfm.cli train configs/tiny.yaml`, the
+Every run is a real `python -m torch.distributed.run ... -m kfm_cli train configs/tiny.yaml`, the
 same command launch/local.sh runs. Runs are cached per test session by their arguments: a run
 that several tests compare against (the single-process reference) starts once. Each process
 imports torch (~3-5 s on a busy 2-core machine), so prefer adding asserts to adding runs.
@@ -85,7 +85,7 @@ def run_train(
         TRACE_ENV: str(trace_dir),
         "PYTHONUNBUFFERED": "1",
     }
-    train = ["-m", "kfm.cli", "train", "configs/tiny.yaml", *tiny_overrides(sources, root, name)]
+    train = ["-m", "kfm_cli", "train", "configs/tiny.yaml", *tiny_overrides(sources, root, name)]
     if nproc == 0:
         cmd = [sys.executable, *train, *args]
     else:

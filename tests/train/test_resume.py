@@ -22,7 +22,7 @@ def run_train(overrides: list[str], env_extra: dict[str, str] | None = None):
     cmd = [
         sys.executable,
         "-m",
-        "kfm.cli",
+        "kfm_cli",
         "train",
         "configs/tiny.yaml",
         *overrides,
@@ -76,7 +76,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_sources, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "kfm.cli",
+        "kfm_cli",
         "train",
         "configs/tiny.yaml",
         *args,

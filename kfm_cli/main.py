@@ -1,6 +1,7 @@
 """`kfm` command line: train, tokenizer, pack, eval, export, data.
 
-The CLI is the composition root: it may import every package (kfm.*, eval), nothing imports it.
+The CLI is the composition root: it may import every package (kfm, eval, data_pipeline), and
+nothing imports it.
 Heavy imports happen inside each command so that `kfm --help` stays instant.
 """
 
