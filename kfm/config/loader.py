@@ -160,11 +160,12 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``top``, recursively for nested dicts (neither is modified)."""
     out = dict(base)
     for k, v in top.items():
         out[k] = (
-            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         )
     return out
 
@@ -230,7 +231,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = read_yaml(path) if path else {}
     source = str(path) if path else "defaults"
     if overrides:
-        data = _deep_merge(data, parse_overrides(overrides))
+        data = deep_merge(data, parse_overrides(overrides))
         source += " + command-line overrides"
     return config_from_dict(data, source)
 
@@ -362,6 +363,7 @@ def validate(cfg: Config) -> None:
 __all__ = [
     "ConfigError",
     "config_from_dict",
+    "deep_merge",
     "dump_yaml",
     "load_config",
     "parse_overrides",
