@@ -53,6 +53,7 @@ from kfm.train.loss import cross_entropy_loss
 from kfm.train.optim import build_optimizer, build_scheduler
 from kfm.train.rundir import prepare_run_dir
 from kfm.train.signals import StopRequest
+from kfm.train.status import write_status
 from kfm.train.validation import evaluate
 
 # Test-only fault injection: SIGKILL this process right after the given step (checkpoint included),
@@ -359,6 +360,7 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
     # resume must not overwrite the run's config.yaml with the config that was refused.
     if rank == 0:
         prepare_run_dir(cfg)
+        write_status(run_dir, "running", step=start_step)
     logger = MetricLogger(
         cfg, run_dir, total_steps=cfg.train.steps, start_step=start_step, enabled=rank == 0
     )
@@ -474,9 +476,19 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
                     f"checkpoint saved at step {step}, exiting"
                 )
                 break
+    except BaseException as e:
+        if rank == 0:
+            # kfm's own errors (bad config, data, checkpoint, loss) recur on a rerun; anything else
+            # (a lost peer, an I/O error) may not.
+            retry = not isinstance(e, ConfigError | FloatingPointError | ValueError)
+            write_status(run_dir, "failed", step=step, reason=repr(e)[:500], requeue=retry)
+        raise
     finally:
         stop.restore()
         logger.close()
+    if rank == 0:
+        state = "stopped" if stop.signal_name or step < cfg.train.steps else "finished"
+        write_status(run_dir, state, step=step, reason=stop.signal_name)
     summary["steps_done"] = step
     summary["stopped_by_signal"] = stop.signal_name
     return summary
