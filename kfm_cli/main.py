@@ -1,4 +1,4 @@
-"""`kfm` command line: train, tokenizer, pack, eval, export, data.
+"""`kfm` command line: train, doctor, tokenizer, pack, eval, export, data.
 
 The CLI is the composition root: it may import every package (kfm, eval, data_pipeline), and
 nothing imports it.
@@ -100,6 +100,15 @@ def _dry_run(cfg, *, world_size: int | None) -> int:
     print(f"--- plan for world size {world_size}")
     print(plan_report(cfg, world_size))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = _load(args, overrides)
+    from kfm.doctor import run_doctor
+
+    return run_doctor(
+        cfg, gpus_per_node=args.gpus_per_node, probe_mib=args.probe_mib, json_path=args.json
+    )
 
 
 def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -259,6 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, required=True)
     p.set_defaults(func=cmd_train, takes_overrides=True)
+
+    p = sub.add_parser(
+        "doctor",
+        help="pre-flight check: devices, disk, versions, all-reduce bandwidth",
+        description="Check a launch before training: GPUs per node, memory and ECC health, free "
+        "disk for the checkpoints, equal software on every rank, all-reduce bandwidth. Run it "
+        "like `kfm train` (alone or under torchrun with the same config); rank 0 prints one "
+        "line per check; exit code 1 if any check FAILs. " + _OVERRIDES_HELP,
+    )
+    p.add_argument("config", nargs="?", help="YAML preset under configs/ (see README)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs every node must have (default: at least LOCAL_WORLD_SIZE under torchrun)",
+    )
+    p.add_argument(
+        "--probe-mib",
+        type=float,
+        default=None,
+        help="all-reduce probe buffer in MiB (default 256 on GPU, 16 on CPU; 0 skips the probe)",
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    p.set_defaults(func=cmd_doctor, takes_overrides=True)
 
     p = sub.add_parser(
         "tokenizer",

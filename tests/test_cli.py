@@ -14,6 +14,7 @@ from tests.conftest import REPO
 
 SURFACE = {
     "train": ["--dry-run", "--world-size", "config"],
+    "doctor": ["--gpus-per-node", "--json", "--probe-mib", "config"],
     "tokenizer train": ["--dry-run", "--overwrite", "config"],
     "pack": [
         "--license",
@@ -68,6 +69,7 @@ def test_cli_surface_is_frozen():
     [
         [],
         ["train"],
+        ["doctor"],
         ["tokenizer"],
         ["tokenizer", "train"],
         ["pack"],
