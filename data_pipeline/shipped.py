@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.readers import ReaderError, Record, Rejection, json_lines, text_lines
 from eval.registry import EVAL_SETS
+from kfm.data.readers import ReaderError, Record, Rejection, json_lines, text_lines
 
 SENTENCES_PER_DOC = 20
 """Sentences (or chat Q/A pairs) per document for the short-sentence sets."""

@@ -1,8 +1,9 @@
 """KfmReader: the pipeline's first step, turning the configured inputs into datatrove Documents.
 
-Reading itself is `data_pipeline.readers` (generic formats) and `data_pipeline.shipped` (the
-shared data sets); this step resolves inputs, splits the files over tasks, builds the documents
-and counts every record it does not forward.
+Reading itself is `kfm.data.readers` (generic formats, the stack ``kfm pack`` uses too) and
+`data_pipeline.shipped` (the shared data sets); this step resolves inputs
+(`data_pipeline.readers`), splits the files over tasks, builds the documents and counts every
+record it does not forward.
 """
 
 from __future__ import annotations
@@ -14,18 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from data_pipeline.readers import (
-    ReaderError,
-    ReadUnit,
-    Record,
-    Rejection,
-    iter_unit,
-    resolve_units,
-    text_problem,
-)
+from data_pipeline.readers import resolve_units
 from data_pipeline.shipped import EVAL_FOLDERS, UNKNOWN_LICENSE, get_shipped_set
 from data_pipeline.steps import require_datatrove
 from eval.registry import data_root
+from kfm.data.readers import ReaderError, ReadUnit, Record, Rejection, iter_unit, text_problem
 
 try:
     from datatrove.data import Document
@@ -43,6 +37,8 @@ if TYPE_CHECKING:
 
 WARN_PER_UNIT = 5
 """Rejections logged with file and line per unit; the rest are only counted."""
+RESERVED_KEYS = ("source", "language", "language_score")
+"""Metadata keys the pipeline owns; a record field of that name is kept as record_<key>."""
 _NAME = re.compile(r"[a-z0-9_]+")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
 
@@ -200,7 +196,12 @@ class KfmReader(PipelineStep):
     def _records(self, cfg: InputConfig, unit: ReadUnit) -> Iterator[Record | Rejection]:
         if unit.kind == "shipped":
             return get_shipped_set(cfg.shipped or cfg.name).read(unit.path, unit.key)
-        return iter_unit(unit, text_field=cfg.text_field, id_field=cfg.id_field)
+        return iter_unit(
+            unit,
+            text_field=cfg.text_field,
+            id_field=cfg.id_field,
+            text_field_setting="inputs.text_field",
+        )
 
     def _reject(self, cfg: InputConfig, rejection: Rejection, n_seen: int) -> None:
         self.stat_update(StatHints.dropped, f"dropped_{rejection.reason}")
@@ -211,7 +212,7 @@ class KfmReader(PipelineStep):
             )
 
     def _document(self, cfg: InputConfig, rec: Record, default_license: str | None) -> Document:
-        metadata = dict(rec.metadata)
+        metadata = {f"record_{k}" if k in RESERVED_KEYS else k: v for k, v in rec.metadata.items()}
         metadata["source"] = cfg.name
         metadata["license"] = cfg.license or rec.license or default_license or UNKNOWN_LICENSE
         language = cfg.language or rec.language

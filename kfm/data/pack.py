@@ -3,6 +3,11 @@
 Pipeline: readers.iter_documents -> batches of ``batch_docs`` texts -> tokenizer worker processes
 -> ``[bos] + ids + [eos]`` per document -> ShardWriter("train") or ShardWriter("val") -> manifest.
 
+Bad input: reading is the stack the curation pipeline uses (``kfm.data.readers``), in its strict
+face: a record the pipeline would count as rejected (not UTF-8, not a JSON object, no string text
+field) stops the pack with a ReaderError naming file, line and fix, and nothing is written. Empty
+(whitespace-only or null) texts are skipped and counted in ``skipped_empty``.
+
 Determinism: batches are returned in submission order, and the train/val decision hashes only the
 document text, so the shards are byte-identical for any number of workers. Atomicity: everything
 is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` at the end; a killed pack leaves only the
@@ -155,8 +160,8 @@ def pack(
 
     Raises:
         FileExistsError: `out_dir` exists and `overwrite` is False.
-        InputNotFoundError / ReaderError: an input is missing or unreadable (before any work
-            for missing files).
+        InputNotFoundError / ReaderError: an input is missing or unreadable, or holds a bad
+            record (file and line named; before any work for missing files).
         TokenizerNotFoundError: no tokenizer at `tokenizer_path`.
         ValueError: bad arguments, a tokenizer without bos/eos, or no documents at all.
     """

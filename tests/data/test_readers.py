@@ -1,4 +1,8 @@
-"""Document readers: every input type, the document dicts they yield, and their errors."""
+"""kfm.data.readers, the one reading stack: iter_documents (kfm pack, strict dicts) and iter_unit
+(the pipeline, records and counted rejections) over the same formats and line readers.
+
+The pipeline's reader step on top of iter_unit: tests/data_pipeline/test_readers.py.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kfm.data.readers import InputNotFoundError, ReaderError, iter_documents
+from kfm.data.readers import (
+    REJECT_REASONS,
+    InputNotFoundError,
+    ReaderError,
+    ReadUnit,
+    Record,
+    Rejection,
+    UnitKind,
+    iter_documents,
+    iter_unit,
+    text_problem,
+)
 
 DOCS = [
     {"id": "a", "text": "첫 번째 문서입니다.", "source": "s1"},
@@ -102,7 +117,126 @@ def test_hf_save_to_disk(tmp_path: Path) -> None:
          "train": datasets.Dataset.from_dict({"t": ["t1", "t2"]})}
     )  # fmt: skip
     dd.save_to_disk(str(tmp_path / "dd"))
-    assert [d["text"] for d in iter_documents(tmp_path / "dd", text_field="t")] == ["t1", "t2", "v"]
+    docs = list(iter_documents(tmp_path / "dd", text_field="t"))
+    assert [d["text"] for d in docs] == ["t1", "t2", "v"]  # splits sorted by name
+    assert docs[2]["id"] == f"{tmp_path / 'dd'}/validation:0"
+
+
+def test_zstd_jsonl_with_several_frames(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in DOCS).encode()
+    c = zstandard.ZstdCompressor()
+    (tmp_path / "d.jsonl.zst").write_bytes(c.compress(raw[:30]) + c.compress(raw[30:]))
+    docs = list(iter_documents(tmp_path))  # a folder's .jsonl.zst files are read too
+    assert [d["text"] for d in docs] == [r["text"] for r in DOCS]
+    assert docs[1]["id"] == f"{tmp_path / 'd.jsonl.zst'}:2"
+
+
+def test_bom_dropped_and_text_kept_byte_for_byte(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_bytes(
+        b'\xef\xbb\xbf{"text": "bom"}\r\n{"text": "b", "id": ""}\r\n'
+    )
+    docs = list(iter_documents(tmp_path / "d.jsonl"))
+    assert [(d["text"], d["id"]) for d in docs] == [
+        ("bom", f"{tmp_path / 'd.jsonl'}:1"),
+        ("b", f"{tmp_path / 'd.jsonl'}:2"),  # an empty id is no id
+    ]
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfline one\r\nline two\n")
+    assert [d["text"] for d in iter_documents(tmp_path / "a.txt")] == ["line one\r\nline two\n"]
+
+
+def test_binary_text_column_is_decoded(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": [b"bytes \xea\xb0\x80"]}), tmp_path / "b.parquet")
+    assert [d["text"] for d in iter_documents(tmp_path / "b.parquet")] == ["bytes 가"]
+
+
+def test_text_problem_empty_and_utf8_byte_limit() -> None:
+    assert text_problem(" \n\t ", 100) == "empty"
+    assert text_problem("abc", 3) is None
+    assert text_problem("abcd", 3) == "too_large"
+    # 2 Hangul syllables = 6 UTF-8 bytes: the limit is in bytes, not characters.
+    assert text_problem("한국", 6) is None
+    assert text_problem("한국", 5) == "too_large"
+    assert text_problem("x" * 10, 0) is None  # 0 disables the size check
+
+
+# --- iter_unit: the same files as records, bad records counted instead of raised -----------
+
+MIXED_LINES = [
+    b'{"text": "good one", "id": "g1", "url": "u", "tags": ["x"], "license": "CC0-1.0"}',
+    b'{"text": "bad byte \xff here"}',  # invalid_utf8
+    b'{"text": "unterminated',  # invalid_json
+    b"[1, 2]",  # invalid_json (not an object)
+    b'{"body": "no text field"}',  # missing_text
+    b'{"text": 42}',  # missing_text
+    b'{"text": null}',  # missing_text
+    b"",
+    b'{"text": "good two", "source": "crawler"}',
+]
+
+
+def _unit(path: Path, kind: UnitKind = "jsonl") -> ReadUnit:
+    return ReadUnit(kind=kind, path=path, key="k")
+
+
+def test_iter_unit_records_and_rejections(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(MIXED_LINES) + b"\n")
+    out = list(
+        iter_unit(
+            _unit(tmp_path / "m.jsonl"), text_field="text", id_field="id", text_field_setting="x"
+        )
+    )
+    records = [r for r in out if isinstance(r, Record)]
+    rejections = [r for r in out if isinstance(r, Rejection)]
+    assert [(r.id, r.text) for r in records] == [("g1", "good one"), ("k:9", "good two")]
+    assert records[0].license == "CC0-1.0" and records[0].metadata == {"url": "u"}  # scalars only
+    assert records[1].metadata == {"source": "crawler"}  # renaming is the pipeline step's job
+    assert [(r.reason, r.where.rsplit(":", 1)[1]) for r in rejections] == [
+        ("invalid_utf8", "2"),
+        ("invalid_json", "3"),
+        ("invalid_json", "4"),
+        ("missing_text", "5"),
+        ("missing_text", "6"),
+        ("missing_text", "7"),
+    ]
+    assert {r.reason for r in rejections} < set(REJECT_REASONS)
+    assert "its fields: body" in rejections[3].detail
+
+
+def test_iter_unit_names_the_text_field_setting(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
+    unit = _unit(tmp_path / "d.parquet", "parquet")
+    with pytest.raises(ReaderError, match=r"no column 'text' .*set inputs\.text_field"):
+        list(
+            iter_unit(
+                unit, text_field="text", id_field="id", text_field_setting="inputs.text_field"
+            )
+        )
+
+
+def test_iter_documents_is_strict_where_iter_unit_counts(tmp_path: Path) -> None:
+    """Every line iter_unit rejects stops iter_documents, naming file, line and fix."""
+    expected = {
+        2: r"not UTF-8.*convert the file to UTF-8",
+        3: r"not valid JSON",
+        4: r"not valid JSON lines \(a JSON list\)",
+        5: r"field 'text' is missing \(its fields: body\).*--text-field",
+        6: r"field 'text' is a int, not a string.*--text-field",
+    }
+    for line_no, message in expected.items():
+        path = tmp_path / f"l{line_no}.jsonl"
+        path.write_bytes(MIXED_LINES[0] + b"\n" + MIXED_LINES[line_no - 1] + b"\n")
+        with pytest.raises(ReaderError, match=rf"l{line_no}\.jsonl:2: {message}"):
+            list(iter_documents(path))
+    # A null text is an empty document for pack (it counts and skips it), not an error.
+    (tmp_path / "null.jsonl").write_bytes(MIXED_LINES[6] + b"\n")
+    assert [d["text"] for d in iter_documents(tmp_path / "null.jsonl")] == [""]
+
+
+def test_json_array_file(tmp_path: Path) -> None:
+    (tmp_path / "arr.jsonl").write_text('[\n {"text": "x"}\n]\n', encoding="utf-8")
+    with pytest.raises(ReaderError, match=r"arr\.jsonl: holds one JSON array"):
+        list(iter_documents(tmp_path / "arr.jsonl"))
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -153,6 +287,16 @@ def test_corrupt_and_truncated_gzip(tmp_path: Path) -> None:
     (tmp_path / "cut.jsonl.gz").write_bytes(full[: len(full) // 2])
     with pytest.raises(ReaderError, match="cut.jsonl.gz: corrupt or truncated gzip"):
         list(iter_documents(tmp_path / "cut.jsonl.gz"))
+
+
+def test_truncated_zstd(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    full = zstandard.ZstdCompressor().compress(
+        "".join(f'{{"text": "doc {i}"}}\n' for i in range(2000)).encode()
+    )
+    (tmp_path / "cut.jsonl.zst").write_bytes(full[: len(full) // 2])
+    with pytest.raises(ReaderError, match="cut.jsonl.zst: corrupt or truncated zstd"):
+        list(iter_documents(tmp_path / "cut.jsonl.zst"))
 
 
 def test_not_utf8(tmp_path: Path) -> None:

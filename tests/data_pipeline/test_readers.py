@@ -1,4 +1,7 @@
-"""Reader step: every input format, every bad-input case, sharding, and the shipped-set adapters."""
+"""Reader step: every input format, every bad-input case, sharding, and the shipped-set adapters.
+
+The reading functions underneath (kfm.data.readers) are tested in tests/data/test_readers.py.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +20,10 @@ pytest.importorskip("datatrove")
 from datatrove.data import Document  # noqa: E402
 from datatrove.utils.logging import logger  # noqa: E402
 
-from data_pipeline.readers import REJECT_REASONS, ReaderError, text_problem  # noqa: E402
 from data_pipeline.shipped import SHIPPED_SETS, group, unique  # noqa: E402
 from data_pipeline.steps.read import InputConfig, KfmReader  # noqa: E402
 from eval.registry import EVAL_SETS, data_root  # noqa: E402
+from kfm.data.readers import REJECT_REASONS, ReaderError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,16 +61,6 @@ RECORDS = [
 
 
 # ---- pure helpers ----
-
-
-def test_text_problem_empty_and_utf8_byte_limit() -> None:
-    assert text_problem(" \n\t ", 100) == "empty"
-    assert text_problem("abc", 3) is None
-    assert text_problem("abcd", 3) == "too_large"
-    # 2 Hangul syllables = 6 UTF-8 bytes: the limit is in bytes, not characters.
-    assert text_problem("한국", 6) is None
-    assert text_problem("한국", 5) == "too_large"
-    assert text_problem("x" * 10, 0) is None  # 0 disables the size check
 
 
 def test_unique_and_group() -> None:
