@@ -155,8 +155,8 @@ class Watchdog(Callback):
         self.exit_code = WATCHDOG_EXIT_CODE
         self.grace_s = min(EXIT_GRACE_S, self.limit_s)
         self.backstop_s = BACKSTOP_S
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._stopped = False
         self._thread: threading.Thread | None = None
         self._step = 0
         self._since = 0.0
@@ -170,8 +170,8 @@ class Watchdog(Callback):
     def on_train_start(self, step: int) -> None:
         if self.limit_s <= 0:
             return
+        self._stopped = False
         self._beat(step, self.first_limit_s)
-        self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="kfm-watchdog", daemon=True)
         self._thread.start()
 
@@ -180,7 +180,9 @@ class Watchdog(Callback):
             self._beat(info.step, self.limit_s)
 
     def on_train_end(self, step: int, error: BaseException | None) -> None:
-        self._stop.set()
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
         if self._backstop:
             faulthandler.cancel_dump_traceback_later()
             self._backstop = False
@@ -189,8 +191,9 @@ class Watchdog(Callback):
             self._thread = None
 
     def _beat(self, step: int, limit: float) -> None:
-        with self._lock:
+        with self._cond:
             self._step, self._since, self._limit = step, time.monotonic(), limit
+            self._cond.notify()  # the deadline may now be earlier (first step -> later steps)
         self._arm_backstop(limit)
 
     def _arm_backstop(self, limit: float) -> None:
@@ -204,18 +207,16 @@ class Watchdog(Callback):
             self._backstop = False  # no usable stderr (e.g. detached)
 
     def _watch(self) -> None:
-        while True:
-            with self._lock:
-                step, since, limit = self._step, self._since, self._limit
-            remaining = since + limit - time.monotonic()
-            if remaining > 0:
-                if self._stop.wait(remaining):
-                    return
-                continue
-            if self._stop.is_set():
+        with self._cond:
+            while not self._stopped:
+                remaining = self._since + self._limit - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._stopped:
                 return
-            self._fire(step, time.monotonic() - since, limit)
-            return
+            step, since, limit = self._step, self._since, self._limit
+        self._fire(step, time.monotonic() - since, limit)
 
     def _fire(self, step: int, waited: float, limit: float) -> None:
         header = (
@@ -287,7 +288,8 @@ class StragglerReport(Callback):
     names the ranks above ``health.straggler_factor`` x median and at least
     ``health.straggler_min_s`` above it, with host and local rank (gathered once at start), via
     ``logger.info``, and records ``straggler_ranks``, ``{host,optim}_s_{max,median}`` and the
-    slowest rank of each in metrics.jsonl (not on the console).
+    slowest rank of each in metrics.jsonl (not on the console). The first step after start or
+    resume (warm-up) is left out: no figures, no collective, no record.
 
     Off (no collective at all) with ``health.straggler_factor=0`` or without a process group.
     """
@@ -301,6 +303,7 @@ class StragglerReport(Callback):
         self.places: list[tuple[str, int]] = []
         """(host, local rank) of every global rank, from on_train_start."""
         self._device = torch.device("cpu")
+        self._warming_up = True
         self._reset()
 
     @property
@@ -315,6 +318,7 @@ class StragglerReport(Callback):
 
     def on_train_start(self, step: int) -> None:
         self._reset()
+        self._warming_up = True
         if not self.enabled:
             return
         if dist.get_backend() == "nccl":
@@ -325,6 +329,12 @@ class StragglerReport(Callback):
 
     def on_step_end(self, info: StepInfo) -> None:
         if not self.enabled:
+            return
+        if self._warming_up:
+            # The first step after start or resume allocates optimizer state, fills caches and
+            # compiles: its per-rank times say nothing about a rank's health. Every rank skips it
+            # (so the collectives still line up).
+            self._warming_up = False
             return
         self._steps += 1
         self._host_s += info.host_s
