@@ -3,6 +3,11 @@
 `document_causal_mask_mod` is the one mask definition: the dense SDPA mask and the flex block mask
 are built from it; flash derives document segments from the same doc_ids. Head counts come from
 the q/k/v shapes, never the config, so tensor parallelism can shard heads.
+
+flash runs flash-attn's varlen kernels through the custom op `kfm::flash_varlen` (backward:
+`kfm::flash_varlen_backward`), which torch.compile treats as one opaque op. Its tensor inputs
+have shapes fixed by (B, T), whatever the number of documents, so a compiled block never
+recompiles because the document count changed; see `AttentionMask` and `cu_seqlens_from_doc_ids`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +78,11 @@ class AttentionMask:
     backend: str  # resolved: "sdpa", "flex" or "flash"
     dense: Tensor | None = None  # sdpa: (B, 1, T, T) bool; None = is_causal
     block_mask: BlockMask | None = None  # flex
-    cu_seqlens: Tensor | None = None  # flash: (n_docs + 1,) int32; None = plain causal
-    max_seqlen: int = 0  # flash: longest document in tokens
+    # flash: (B*T + 1,) int32 start offsets of the n sequences (documents, or rows without
+    # doc_ids) in the flattened B*T tokens, then B*T repeated to fill the fixed length.
+    cu_seqlens: Tensor | None = None
+    # flash: (2,) int64 on the CPU: [n, longest sequence in tokens], read by the op on the host.
+    seq_info: Tensor | None = None
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -100,19 +108,58 @@ def _check_flash(device: torch.device) -> None:
         )
 
 
-def cu_seqlens_from_doc_ids(doc_ids: Tensor) -> tuple[Tensor, int]:
-    """Return (cu_seqlens, max_seqlen) of doc_ids (B, T) for flash-attn varlen: int32 start
-    offsets (n_docs + 1,) of every document in the flattened B*T tokens, then B*T; and the
-    longest document in tokens. Documents start at t == 0 and wherever the id changes."""
+# Fixed-shape varlen metadata. torch.compile(dynamic=False) specialises on every input shape, so
+# a (n_docs + 1,) cu_seqlens would recompile each block for every new document count until the
+# recompile limit sends it back to eager. Instead:
+# - cu_seqlens is padded to B*T + 1, the one length that bounds every batch (a document has at
+#   least one token); the padding repeats B*T, i.e. zero-length sequences. 4 bytes per token.
+# - flash-attn is never handed the padding: the op slices cu_seqlens[: n + 1] first, where n comes
+#   from the CPU tensor seq_info (a fixed-shape graph input; dynamo guards on its shape, not its
+#   values). flash-attn varlen sizes its work by the sequence count b: the forward launches
+#   ceil(max_seqlen / block) x b x heads thread blocks (block 64-128 rows; those past a
+#   sequence's end exit at once), and the backward allocates an fp32 dQ accumulator of
+#   (total + 128 * b) x heads x head_dim (csrc/flash_attn/flash_api.cpp, mha_varlen_bwd). With
+#   b = B*T that is 129x the q activations in fp32, per layer: ~69 GB at B*T = 32768, 32 heads,
+#   head_dim 128. (Padding n to a power of two would bound that waste at 2x but recompile up to
+#   log2(B*T) times; slicing costs neither.)
+# - The price is one device-to-host copy per forward, of [n, longest document], in
+#   `cu_seqlens_from_doc_ids`: n sizes flash's grid and buffers, host-side decisions, so some sync
+#   is unavoidable while doc_ids arrive on the device only (the previous code synced twice:
+#   nonzero and .item()). Layers then run sync-free. The longest document rides along in the same
+#   copy, so flash's max_seqlen is exact; the bound T would be equally valid but launch
+#   ceil(T / 128) row (forward) or column (backward) blocks per document, mostly empty when
+#   documents are short.
+
+
+def cu_seqlens_from_doc_ids(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (cu_seqlens, seq_info) of doc_ids (B, T) for `kfm::flash_varlen`.
+
+    cu_seqlens: (B*T + 1,) int32 on doc_ids' device, the start offset of each of the n documents
+    in the flattened B*T tokens, then B*T repeated (n + 1 to B*T + 1: the end, and zero-length
+    padding). Documents start at t == 0 and wherever the id changes. seq_info: (2,) int64 on the
+    CPU, [n, longest document in tokens]; computing it is this forward's one host sync.
+    """
     batch, seq_len = doc_ids.shape
+    n_tokens = batch * seq_len
     starts = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start_idx = starts.flatten().nonzero().flatten()  # (n_docs,)
-    end = torch.tensor([batch * seq_len], device=doc_ids.device, dtype=start_idx.dtype)
-    cu_seqlens = torch.cat((start_idx, end)).to(torch.int32)  # (n_docs + 1,)
-    # .item() syncs the device; done once per forward and shared by all layers.
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-    return cu_seqlens, max_seqlen
+    doc_of_token = starts.flatten().cumsum(0) - 1  # (B*T,) 0..n-1, non-decreasing
+    # First token of document j, for j = 0..B*T; B*T for every j >= n. No data-dependent shapes.
+    bounds = torch.arange(n_tokens + 1, device=doc_ids.device)
+    cu_seqlens = torch.searchsorted(doc_of_token, bounds, out_int32=True)  # (B*T + 1,)
+    longest = (cu_seqlens[1:] - cu_seqlens[:-1]).max().to(doc_of_token.dtype)
+    seq_info = torch.stack((doc_of_token[-1] + 1, longest)).cpu()  # the host sync
+    return cu_seqlens, seq_info
+
+
+def causal_cu_seqlens(batch: int, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(cu_seqlens, seq_info) for plain causal attention: each of the B rows is one sequence.
+
+    Same layout as `cu_seqlens_from_doc_ids` (padded to B*T + 1), built without a host sync.
+    """
+    n_tokens = batch * seq_len
+    cu_seqlens = torch.arange(n_tokens + 1, device=device).mul_(seq_len).clamp_(max=n_tokens)
+    return cu_seqlens.to(torch.int32), torch.tensor([batch, seq_len], dtype=torch.int64)
 
 
 def build_attention_mask(
@@ -121,7 +168,7 @@ def build_attention_mask(
     """Build the mask of one forward: block-causal from doc_ids (B, T), or causal if None.
 
     backend is cfg.attn_backend. Raises ImportError/RuntimeError for flash without flash-attn or
-    off CUDA.
+    off CUDA (unless a test has set FLASH_TEST_STAND_IN).
     """
     backend = resolve_backend(backend, device)
     if backend == "sdpa":
@@ -134,18 +181,21 @@ def build_attention_mask(
             mask_mod = document_causal_mask_mod(doc_ids)
             block_mask = make(mask_mod, batch, None, seq_len, seq_len, device=device)
         return AttentionMask("flex", block_mask=block_mask)
-    _check_flash(device)
+    if FLASH_TEST_STAND_IN is None:
+        _check_flash(device)
     if doc_ids is None:
-        return AttentionMask("flash")
-    cu_seqlens, max_seqlen = cu_seqlens_from_doc_ids(doc_ids)
-    return AttentionMask("flash", cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        cu_seqlens, seq_info = causal_cu_seqlens(batch, seq_len, device)
+    else:
+        cu_seqlens, seq_info = cu_seqlens_from_doc_ids(doc_ids)
+    return AttentionMask("flash", cu_seqlens=cu_seqlens, seq_info=seq_info)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """Scaled dot-product attention with scale 1/sqrt(head_dim).
 
     q is (B, T, n_heads, head_dim); k and v are (B, T, n_kv_heads, head_dim) with n_kv_heads
-    dividing n_heads (grouped-query attention). Returns (B, T, n_heads, head_dim).
+    dividing n_heads (grouped-query attention). Returns (B, T, n_heads, head_dim). flash calls
+    `kfm::flash_varlen` and needs CUDA, bf16/fp16 and head_dim a multiple of 8 up to 256.
     """
     n_heads, n_kv_heads = q.shape[2], k.shape[2]
     if mask.backend == "flash":
@@ -176,19 +226,182 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    _check_flash(q.device)
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise RuntimeError(
-            f"attn_backend='flash' needs bf16/fp16 activations, got {q.dtype}; "
-            "set --train.dtype=bf16 or --model.attn_backend=sdpa"
+    if mask.cu_seqlens is None or mask.seq_info is None:
+        raise ValueError(
+            "a flash AttentionMask needs cu_seqlens and seq_info (build_attention_mask)"
         )
-    if mask.cu_seqlens is None:
-        return flash_attn_func(q, k, v, causal=True)  # GQA is native in flash-attn
-    # Documents become separate varlen sequences: (B*T, heads, head_dim) plus their offsets.
-    cu, max_len = mask.cu_seqlens, mask.max_seqlen
-    out = flash_attn_varlen_func(
-        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len, causal=True
+    head_dim = q.shape[-1]
+    if FLASH_TEST_STAND_IN is None:
+        if q.device.type != "cuda":
+            _check_flash(q.device)
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise RuntimeError(
+                f"attn_backend='flash' needs bf16/fp16 activations, got {q.dtype}; "
+                "set --train.dtype=bf16 or --model.attn_backend=sdpa"
+            )
+        if head_dim % 8 != 0 or head_dim > 256:
+            raise RuntimeError(
+                f"attn_backend='flash' needs head_dim a multiple of 8 and at most 256, got "
+                f"{head_dim}; change model.d_model / model.n_heads or use attn_backend=flex"
+            )
+    # Sequences become varlen segments of the flattened (B*T, heads, head_dim); GQA is native.
+    out, _ = flash_varlen(
+        q.flatten(0, 1),
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        mask.cu_seqlens,
+        mask.seq_info,
+        head_dim**-0.5,
     )
     return out.view(q.shape)
+
+
+class VarlenKernels(NamedTuple):
+    """The kernels behind `kfm::flash_varlen`: causal attention inside each varlen sequence.
+
+    forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale) -> (out, lse): q (N, H, D), k and v
+    (N, H_kv, D) with H_kv dividing H, cu_seqlens (n + 1,) int32 offsets of n sequences covering
+    the N tokens, max_seqlen >= the longest; out (N, H, D) contiguous, lse (H, N) fp32 contiguous,
+    the log-sum-exp of each query's scaled scores. backward(dout, q, k, v, out, lse, cu_seqlens,
+    max_seqlen, softmax_scale) -> (dq, dk, dv), contiguous, shaped like q, k, v.
+    """
+
+    forward: Callable[[Tensor, Tensor, Tensor, Tensor, int, float], tuple[Tensor, Tensor]]
+    backward: Callable[
+        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, float],
+        tuple[Tensor, Tensor, Tensor],
+    ]
+
+
+# Test stand-in: None in production, where `kfm::flash_varlen` runs flash-attn's CUDA kernels and
+# attn_backend='flash' is refused without flash-attn, off CUDA, outside bf16/fp16 and for head
+# dims flash-attn lacks. A test sets it (pytest's monkeypatch.setattr) to reference kernels, e.g.
+# on the CPU, to run the op and the compiled model around it without flash-attn or a GPU; those
+# refusals are then skipped. Nothing in kfm sets it: there is no silent fallback for users.
+FLASH_TEST_STAND_IN: VarlenKernels | None = None
+
+
+def _flash_attn_kernels() -> VarlenKernels:
+    # flash-attn >= 2.7 (the `gpu` extra); these positional signatures are unchanged through 2.8.
+    from flash_attn.flash_attn_interface import (
+        _flash_attn_varlen_backward,
+        _flash_attn_varlen_forward,
+    )
+
+    def forward(
+        q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        # dropout_p=0, causal=True; returns (out, lse, S_dmask, rng_state).
+        out, lse, _, _ = _flash_attn_varlen_forward(
+            q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, scale, True
+        )
+        return out, lse
+
+    def backward(
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        cu: Tensor,
+        max_seqlen: int,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # Writes dq, dk, dv. Arguments after scale: causal, window (-1, -1) = unlimited,
+        # softcap 0, no alibi, deterministic=False, no rng_state (no dropout).
+        _flash_attn_varlen_backward(
+            dout, q, k, v, out, lse, dq, dk, dv, cu, cu, max_seqlen, max_seqlen, 0.0, scale,
+            True, -1, -1, 0.0, None, False, None,
+        )  # fmt: skip
+        return dq, dk, dv
+
+    return VarlenKernels(forward, backward)
+
+
+def _kernels() -> VarlenKernels:
+    return FLASH_TEST_STAND_IN if FLASH_TEST_STAND_IN is not None else _flash_attn_kernels()
+
+
+def _unpack(cu_seqlens: Tensor, seq_info: Tensor) -> tuple[Tensor, int]:
+    # seq_info is on the CPU: no device sync. Drops the zero-length padding of cu_seqlens.
+    n_seqs, max_seqlen = (int(x) for x in seq_info.tolist())
+    return cu_seqlens[: n_seqs + 1], max_seqlen
+
+
+@torch.library.custom_op("kfm::flash_varlen", mutates_args=())
+def flash_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, seq_info: Tensor, softmax_scale: float
+) -> tuple[Tensor, Tensor]:
+    """Causal attention inside each sequence of a `build_attention_mask` flash mask.
+
+    q (N, H, D), k and v (N, H_kv, D), cu_seqlens (N + 1,) and seq_info as in `AttentionMask`.
+    Returns (out (N, H, D), lse (H, N) fp32). Opaque to torch.compile; differentiable in q, k, v.
+    """
+    cu, max_seqlen = _unpack(cu_seqlens, seq_info)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, lse = _kernels().forward(q, k, v, cu, max_seqlen, softmax_scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@flash_varlen.register_fake
+def _flash_varlen_fake(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, seq_info: Tensor, softmax_scale: float
+) -> tuple[Tensor, Tensor]:
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), lse
+
+
+@torch.library.custom_op("kfm::flash_varlen_backward", mutates_args=())
+def flash_varlen_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    seq_info: Tensor,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of `flash_varlen`'s out, given dout and its saved out and lse."""
+    cu, max_seqlen = _unpack(cu_seqlens, seq_info)
+    dout, q, k, v, out = (x.contiguous() for x in (dout, q, k, v, out))
+    grads = _kernels().backward(dout, q, k, v, out, lse, cu, max_seqlen, softmax_scale)
+    dq, dk, dv = (g.contiguous() for g in grads)
+    return dq, dk, dv
+
+
+@flash_varlen_backward.register_fake
+def _flash_varlen_backward_fake(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    seq_info: Tensor,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_varlen_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    q, k, v, cu_seqlens, seq_info, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seq_info)
+    ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _flash_varlen_grad(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+    q, k, v, out, lse, cu_seqlens, seq_info = ctx.saved_tensors
+    dq, dk, dv = flash_varlen_backward(
+        dout, q, k, v, out, lse, cu_seqlens, seq_info, ctx.softmax_scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+flash_varlen.register_autograd(_flash_varlen_grad, setup_context=_flash_varlen_setup_context)

@@ -29,9 +29,13 @@ def apply_compile(model: nn.Module, *, fullgraph: bool = True) -> None:
     """Compile every block of `model.layers` (after TP and activation checkpointing) in place.
 
     fullgraph=True makes a graph break an error rather than a silent slowdown; a kfm block
-    (attention with a dense or no mask, SwiGLU, RMSNorm, wrapped or not in a checkpoint) compiles
-    as one graph. dynamic=False: shapes are fixed by (micro_batch_size, seq_len), and the document
-    mask changes values, not shapes, so there are no recompilations after the first step.
+    (sdpa attention with a dense or no mask, or flash attention, whose kernels sit behind the
+    custom op `kfm::flash_varlen` that the compiler treats as opaque; SwiGLU, RMSNorm; wrapped or
+    not in a checkpoint) compiles as one graph. dynamic=False: shapes are fixed by
+    (micro_batch_size, seq_len), and the document mask changes values, not shapes: sdpa's dense
+    mask is (B, 1, T, T); flash's cu_seqlens is padded to B*T + 1 and the document count and
+    longest document travel as values of a (2,) CPU tensor (kfm.model.attention). So a new
+    document layout or count causes no recompilation after the first step.
     Raises TypeError if model.layers is not an nn.ModuleDict.
     """
     layers = model.layers

@@ -15,6 +15,7 @@ from kfm.model.attention import (
     FLASH_MISSING,
     attention,
     build_attention_mask,
+    causal_cu_seqlens,
     cu_seqlens_from_doc_ids,
     resolve_backend,
 )
@@ -146,10 +147,15 @@ def test_document_masking_off_is_plain_causal() -> None:
 def test_cu_seqlens_from_doc_ids() -> None:
     doc_ids = doc_ids_from_starts(8, [[3], [], [1, 2, 7]])
     doc_ids[1] += 4  # ids need not restart at 0 per row; row starts always begin a document
-    cu_seqlens, max_seqlen = cu_seqlens_from_doc_ids(doc_ids)
+    cu_seqlens, seq_info = cu_seqlens_from_doc_ids(doc_ids)
     assert cu_seqlens.dtype == torch.int32
-    assert cu_seqlens.tolist() == [0, 3, 8, 16, 17, 18, 23, 24]
-    assert max_seqlen == 8
+    # 7 document starts, then the end 24 repeated up to the fixed length B*T + 1 = 25.
+    assert cu_seqlens.tolist() == [0, 3, 8, 16, 17, 18, 23] + [24] * 18
+    assert seq_info.device.type == "cpu" and seq_info.tolist() == [7, 8]  # [n_docs, longest]
+    cu_seqlens, seq_info = causal_cu_seqlens(3, 8, CPU)
+    assert cu_seqlens.dtype == torch.int32
+    assert cu_seqlens.tolist() == [0, 8, 16] + [24] * 22
+    assert seq_info.device.type == "cpu" and seq_info.tolist() == [3, 8]
 
 
 def test_backend_resolution() -> None:
