@@ -46,9 +46,9 @@ def run(backend: str, procs: int, args: argparse.Namespace, sources: list[dict],
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
     records = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "tokens_per_second" in r][args.warmup :]
+    steps = [r for r in records if "tokens_per_s_global" in r][args.warmup :]
     return (
-        statistics.median(r["tokens_per_second"] for r in steps),
+        statistics.median(r["tokens_per_s_global"] for r in steps),
         max(r["peak_memory_gb"] for r in steps),
     )
 

@@ -36,7 +36,7 @@ def test_run_directory_records_provenance(trained_run):
     assert [r["step"] for r in evals] == [0, 10, 20]
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]
     steps = [r for r in records if "loss" in r]
-    assert all(r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0 for r in steps)
+    assert all(r["tokens_per_s_global"] > 0 and r["peak_memory_gb"] > 0 for r in steps)
 
 
 def test_eval_command_reports_bits_per_byte(trained_run, capsys):

@@ -1,8 +1,8 @@
-"""Reading checkpoints written by the DeepSpeed backend (kfm/parallel/deepspeed.py) without an
+"""Reading checkpoints written by the DeepSpeed backend (kfm/train/backends/deepspeed.py) without an
 engine: validation against the manifest, and a consolidated full state dict for eval and export.
 
 It lives in kfm.checkpoint so that `load_model_state` can dispatch on the manifest's "backend"
-without kfm.checkpoint importing kfm.parallel.
+without kfm.checkpoint importing the training backends.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfm.checkpoint.manager import FORMAT, MANIFEST, CheckpointError
+from kfm.checkpoint.stepdir import MANIFEST, CheckpointError, validate_checkpoint
 from kfm.config import ModelConfig, config_from_dict
-from kfm.fs import sha256_file
 from kfm.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ BACKEND = "deepspeed"
 _INSTALL_HINT = "DeepSpeed is not installed: pip install 'kfm[deepspeed]'"
 
 
-def _import_deepspeed() -> Any:
+def import_deepspeed() -> Any:
     """Import deepspeed quietly, or raise an ImportError naming the extra to install."""
     if not torch.cuda.is_available():
         # Without this DeepSpeed probes for accelerators and warns that it fell back to CPU.
@@ -60,41 +59,19 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
 
 
 def validate_deepspeed_checkpoint(path: str | Path, *, verify_hashes: bool = True) -> dict:
-    """Check a DeepSpeed step dir against its manifest (sizes, sha256) and return the manifest.
+    """`kfm.checkpoint.validate_checkpoint`, plus: the manifest says the DeepSpeed backend wrote it.
 
     Raises:
-        CheckpointError: naming the missing, truncated or altered file, or a manifest that is
-            not kfm's or not a DeepSpeed checkpoint.
+        CheckpointError: naming the missing, truncated or altered file, or a checkpoint that is
+            not a DeepSpeed one.
     """
     path = Path(path)
-    if ".tmp-" in path.name:
-        raise CheckpointError(f"{path} is an interrupted save (*.tmp-*) and is never loaded")
-    manifest_path = path / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{manifest_path} is missing or unreadable ({e}): the save of {path} did not finish "
-            "or the checkpoint is damaged"
-        ) from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path} is not a {FORMAT} manifest")
-    if manifest.get("backend") != BACKEND:
+    if (path / MANIFEST).is_file() and not is_deepspeed_checkpoint(path):
         raise CheckpointError(
             f"{path} was not written by the DeepSpeed backend: load it with "
             "kfm.checkpoint.load_checkpoint (--parallel.backend=fsdp)"
         )
-    files: dict[str, dict[str, Any]] = manifest.get("files", {})
-    for required in manifest.get("required_files", []):
-        if required not in files:
-            raise CheckpointError(f"{manifest_path} does not list {required}: incomplete save")
-    for rel, expected in files.items():
-        file = path / rel
-        if not file.is_file() or file.stat().st_size != expected["size"]:
-            raise CheckpointError(f"{file} is missing or not the size {manifest_path} lists")
-        if verify_hashes and sha256_file(file) != expected["sha256"]:
-            raise CheckpointError(f"{file} does not match its sha256 in {manifest_path}: corrupt")
-    return manifest
+    return validate_checkpoint(path, verify_hashes=verify_hashes)
 
 
 def load_model_state_from_deepspeed(
@@ -115,7 +92,7 @@ def load_model_state_from_deepspeed(
     """
     path = Path(path)
     manifest = validate_deepspeed_checkpoint(path, verify_hashes=verify_hashes)
-    _import_deepspeed()
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     consolidate: Callable[..., dict[str, Tensor]] = get_fp32_state_dict_from_zero_checkpoint

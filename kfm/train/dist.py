@@ -79,8 +79,9 @@ def process_group(
         backend=backend_for(cfg, device),
         rank=world.rank,
         world_size=world.world_size,
-        # Generous: the first step includes compilation and a checkpoint load on a busy file system.
-        timeout=timedelta(minutes=30),
+        # A collective that waits this long aborts with an error instead of hanging forever; the
+        # first step (compilation, a checkpoint load on a busy file system) must fit in it.
+        timeout=timedelta(seconds=cfg.collective_timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
     ok = False
@@ -109,15 +110,6 @@ def mean_over_ranks(value: Tensor) -> Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any (one small all-reduce; syncs the device)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor(int(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def broadcast_from_rank0(obj: Any) -> Any:

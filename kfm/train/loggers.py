@@ -6,10 +6,12 @@ import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from kfm.config import Config, LoggingConfig, to_dict
+from kfm.fs import atomic_write_text
 
 
 def _fmt(value: Any) -> str:
@@ -20,6 +22,20 @@ def _fmt(value: Any) -> str:
             return f"{value:.3e}"
         return f"{value:.4f}"
     return str(value)
+
+
+WANDB_ID_FILE = "wandb_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of this run directory: made once and kept in ``run_dir/wandb_id``, so
+    every restart of the run logs into the same wandb run instead of opening a new one."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 class MetricLogger:
@@ -53,9 +69,10 @@ class MetricLogger:
             self._wandb = wandb.init(
                 project=lc.wandb_project,
                 name=cfg.train.name,
+                id=wandb_run_id(run_dir),
                 dir=str(run_dir),
                 config=to_dict(cfg),
-                resume="allow",
+                resume="allow",  # a restart (resume, Slurm requeue) continues the same run
             )
         if lc.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm

@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent(
     import torch.distributed.checkpoint as dcp
     from torch import nn
     import kfm.checkpoint.manager as manager
+    import kfm.checkpoint.stepdir as stepdir
 
     root, where = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent(
             die()
         dcp.save = save_then_die
     elif where == "while_hashing":
-        manager.sha256_file = die
+        stepdir.sha256_file = die
     elif where == "before_rename":
         real_rename = os.rename
         def rename(src, dst):

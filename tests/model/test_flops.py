@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kfm.config import ModelConfig
 from kfm.model import Transformer, flops_per_token, peak_flops
+from kfm.model.flops import CPU_NOMINAL_TFLOPS
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,8 @@ def test_attention_term_grows_linearly_with_seq_len() -> None:
 
 
 def test_peak_flops() -> None:
-    assert peak_flops(torch.device("cpu"), "bf16") is None
-    assert peak_flops(torch.device("cpu"), "fp32") is None
-    with pytest.raises(ValueError, match="bf16"):
-        peak_flops(torch.device("cpu"), "fp8")
+    # CPU: the documented nominal figure for every dtype, so MFU shows on CPU runs.
+    for dtype in ("bf16", "fp8", "fp32"):
+        assert peak_flops(torch.device("cpu"), dtype) == CPU_NOMINAL_TFLOPS * 1e12
+    with pytest.raises(ValueError, match="fp8"):
+        peak_flops(torch.device("cpu"), "int4")

@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kfm.config import load_config, to_dict
+from kfm.config import load_config
 from kfm.data import PackedLoader
-from kfm.model.transformer import Transformer
-from kfm.parallel.deepspeed import DeepSpeedBackend
+from kfm.train.backends.deepspeed import DeepSpeedBackend
+from kfm.train.dist import world_from_env
 from kfm.train.loss import cross_entropy_loss
-from kfm.train.optim import build_optimizer, build_scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,25 +40,18 @@ def main() -> None:
     cfg = load_config(REPO / "configs" / "tiny.yaml", args.overrides)
     if "MASTER_ADDR" in os.environ:  # under torchrun; a plain process lets the backend start one
         dist.init_process_group("gloo")
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_from_env()
     loader = PackedLoader(
         cfg.data.sources,
         seq_len=cfg.data.seq_len,
         micro_batch_size=cfg.train.micro_batch_size,
         seed=cfg.data.seed,
-        rank=rank,
-        world_size=world,
+        rank=world.rank,
+        world_size=world.world_size,
         verify=cfg.data.verify,
     )
-    torch.manual_seed(cfg.train.seed)  # as kfm.train.trainer.build_model: init from the seed only
-    model = Transformer(cfg.model)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=cfg.train.steps)
     t0 = time.perf_counter()
-    backend = DeepSpeedBackend(
-        model, cfg, optimizer=optimizer, scheduler=scheduler, loss_fn=cross_entropy_loss
-    )
+    backend = DeepSpeedBackend(cfg, world, torch.device("cpu"))
     t_init = time.perf_counter() - t0
     dtypes = {
         "param": str(next(backend.module.parameters()).dtype),
@@ -67,7 +59,7 @@ def main() -> None:
     }
     start = 0
     if args.resume:
-        state = backend.load(args.resume, config=to_dict(cfg))
+        state = backend.load(Path(args.resume))
         loader.load_state_dict(state["loader"])
         start = state["step"]
     record: dict = {
@@ -80,28 +72,19 @@ def main() -> None:
     }
     t0 = time.perf_counter()
     for step in range(start + 1, cfg.train.steps + 1):
-        result = backend.step(loader)
-        loss = result.loss.clone()
-        if dist.is_initialized():  # the global-batch mean, as the trainer logs it
-            dist.all_reduce(loss)
-            loss /= dist.get_world_size()
-        record["loss"][step] = loss.item()
-        record["grad_norm"][step] = result.grad_norm.item()
-        record["lr"][step] = result.lr
+        out = backend.step(loader)
+        record["loss"][step] = out.loss.item()  # the global-batch mean, as the trainer logs it
+        record["grad_norm"][step] = out.grad_norm.item()
+        record["lr"][step] = out.lr
         if step in args.save_at:
-            backend.save(
-                Path(cfg.train.run_root) / cfg.train.name / "checkpoints",
-                step,
-                trainer_state={"loader": loader.state_dict(), "scheduler": scheduler.state_dict()},
-                config=to_dict(cfg),
-            )
+            backend.save(step, {"step": step, "loader": loader.state_dict()})
     record["train_s"] = time.perf_counter() - t0
     # Evaluation through backend.module (every rank: under ZeRO-3 a forward gathers parameters).
     tokens = eval_tokens(cfg.model.vocab_size).to(backend.device)
     with torch.no_grad():
         logits = backend.module.eval()(tokens[:, :-1])
         record["eval_loss"] = cross_entropy_loss(logits, tokens[:, 1:])[0].item()
-    if rank == 0:
+    if world.rank == 0:
         Path(args.out).write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()

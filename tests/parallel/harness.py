@@ -18,8 +18,6 @@ from pathlib import Path
 
 from tests.conftest import REPO, tiny_overrides
 
-TRACE_ENV = "KFM_TRACE_BATCHES"  # kfm/train/trainer.py's test-only batch trace
-
 
 @dataclass(frozen=True)
 class Run:
@@ -69,7 +67,7 @@ def run_train(
 
     ``nproc=0`` runs one plain process without torchrun (the single-process reference: no
     process group at all). ``args`` are extra config overrides. Each rank gets OMP_NUM_THREADS=1
-    and writes its batch trace to ``root/name-trace``. A run with the same (root, name, nproc,
+    and writes its batch trace (``--debug.trace_batches``) to ``root/name-trace``. A run with the same (root, name, nproc,
     args) is started once per session and then served from the cache.
 
     Raises:
@@ -79,13 +77,15 @@ def run_train(
     if key in _CACHE:
         return _CACHE[key]
     trace_dir = root / f"{name}-trace"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        TRACE_ENV: str(trace_dir),
-        "PYTHONUNBUFFERED": "1",
-    }
-    train = ["-m", "kfm_cli", "train", "configs/tiny.yaml", *tiny_overrides(sources, root, name)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    train = [
+        "-m",
+        "kfm_cli",
+        "train",
+        "configs/tiny.yaml",
+        *tiny_overrides(sources, root, name),
+        f"--debug.trace_batches={trace_dir}",  # each rank's consumed samples (kfm/train/debug.py)
+    ]
     if nproc == 0:
         cmd = [sys.executable, *train, *args]
     else:

@@ -29,10 +29,9 @@ from kfm.checkpoint.deepspeed import (
     validate_deepspeed_checkpoint,
 )
 from kfm.config import ConfigError, load_config
-from kfm.parallel.deepspeed import (
+from kfm.parallel.deepspeed import ds_config, ds_config_yaml
+from kfm.train.backends.deepspeed import (
     DeepSpeedBackend,  # noqa: F401  (imported: the module must import without deepspeed set up)
-    ds_config,
-    ds_config_yaml,
 )
 from tests.conftest import REPO, tiny_overrides
 from tests.parallel._ds_worker import eval_tokens
@@ -68,7 +67,7 @@ def test_ds_config_from_kfm_config(stage):
     assert c["gradient_accumulation_steps"] == 4  # 64 / (4 x 4)
     assert c["zero_optimization"]["stage"] == stage
     assert c["gradient_clipping"] == 0.5
-    assert c["bf16"] == {"enabled": False}
+    assert c["bf16"] == {"enabled": False, "check_grad_overflow": True}
     assert c["communication_data_type"] == "fp32"
     assert "optimizer" not in c and "scheduler" not in c  # kfm's torch AdamW and LambdaLR
     assert ("stage3_prefetch_bucket_size" in c["zero_optimization"]) == (stage == 3)
@@ -80,7 +79,7 @@ def test_ds_config_bf16_and_yaml_for_dry_run():
 
     cfg = tiny("--train.dtype=bf16", "--parallel.reduce_dtype=bf16")
     c = ds_config(cfg, world_size=2)
-    assert c["bf16"] == {"enabled": True}
+    assert c["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert c["communication_data_type"] == "bf16"
     assert c["gradient_accumulation_steps"] == 1  # 8 / (4 x 2)
     assert yaml.safe_load(ds_config_yaml(cfg, 2)) == c
@@ -91,6 +90,15 @@ def test_ds_config_rejects_batch_that_does_not_divide_and_tp():
         ds_config(tiny(), world_size=3)
     with pytest.raises(ConfigError, match="--parallel.tp=1"):
         ds_config(tiny("--parallel.tp=2"), world_size=2)
+
+
+def test_ds_config_refuses_hsdp_layout():
+    """dp_replicate x dp_shard is not silently ignored: ZeRO shards over every rank."""
+    cfg = tiny("--parallel.dp_replicate=2", "--parallel.dp_shard=2")
+    with pytest.raises(ConfigError, match="HSDP layout .*--parallel.dp_replicate=1"):
+        ds_config(cfg, world_size=4)
+    cfg = tiny("--parallel.dp_shard=4", "--train.micro_batch_size=2")
+    assert ds_config(cfg, world_size=4)["zero_optimization"]["stage"] == 3
 
 
 def test_ds_config_is_accepted_by_deepspeed():

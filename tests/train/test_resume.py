@@ -17,8 +17,8 @@ from tests.conftest import REPO, tiny_overrides
 STEPS, CKPT_EVERY, KILL_AT = 20, 10, 13
 
 
-def run_train(overrides: list[str], env_extra: dict[str, str] | None = None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+def run_train(overrides: list[str]):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",
@@ -48,7 +48,7 @@ def test_sigkill_and_auto_resume_is_bitwise_exact(tiny_sources, tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     args = tiny_overrides(tiny_sources, tmp_path, "killed")
-    killed = run_train(args, {"KFM_FAULT_SIGKILL_AT_STEP": str(KILL_AT)})
+    killed = run_train([*args, f"--debug.faults=[sigkill@{KILL_AT}]"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     before = losses(tmp_path / "killed")
     assert max(before) == KILL_AT
