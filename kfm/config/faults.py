@@ -1,7 +1,7 @@
 """The syntax of ``debug.faults`` entries: ``KIND@STEPS[:rRANK][=VALUE]``.
 
 Parsed here (so a typo is a config error before any process starts) and acted on by
-`kfm.train.faults.FaultInjector`. Examples::
+`kfm.train.debug.FaultInjector`. Examples::
 
     nan@7            the loss of step 7 is NaN on every rank
     spike@9=1000     the logits of step 9 are multiplied by 1000 on every rank

@@ -39,7 +39,7 @@ from kfm.train.callbacks import (
 from kfm.train.debug import BatchTrace, FaultInjector
 from kfm.train.dist import WorldInfo, broadcast_from_rank0, process_group, world_from_env
 from kfm.train.guard import BadStepsError
-from kfm.train.health import StragglerReport, Watchdog
+from kfm.train.health import StragglerReport, Watchdog, apply_nccl_debug_env
 from kfm.train.loggers import MetricLogger
 from kfm.train.rundir import prepare_run_dir
 from kfm.train.signals import StopRequest
@@ -100,6 +100,9 @@ def train(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     if not world.distributed:
         return _train(cfg, world, device)
+    if device.type == "cuda":
+        # Before the process group exists: NCCL reads the flight-recorder settings at creation.
+        apply_nccl_debug_env(Path(cfg.train.run_root) / cfg.train.name)
     with process_group(cfg.parallel, world, device) as rank_device:
         return _train(cfg, world, rank_device)
 
