@@ -94,4 +94,11 @@ def test_bf16_and_loggers(tiny_sources, tmp_path):
     losses = [json.loads(x).get("loss") for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(x is None or x == x for x in losses)  # no NaN
     assert list((run / "tb").glob("events.out.tfevents.*"))
-    assert list((run / "wandb").glob("offline-run-*"))
+    first = list((run / "wandb").glob("offline-run-*"))
+    assert len(first) == 1
+    # A restart (resume, Slurm requeue) logs into the same wandb run, not a new one.
+    assert main(["train", TINY, *args, "--train.dtype=bf16", "--train.steps=6",
+                 "--logging.wandb=true", "--eval.interval=0"]) == 0  # fmt: skip
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    run_id = (run / "wandb_id").read_text().strip()
+    assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)

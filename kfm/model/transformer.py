@@ -128,8 +128,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        # A ModuleDict keyed "0".."L-1" keeps the names layers.{i} stable when a pipeline stage
-        # deletes the blocks it does not own.
+        # A ModuleDict keyed "0".."L-1": parameter names layers.{i} (as checkpoints and the HF
+        # export expect) stay fixed even if blocks are removed from it.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -7,9 +7,11 @@ rank) and leaves as the same module with its blocks modified in place:
 
 Why this order (torchtitan and OLMo-core use the same one):
 
-- fp8 first: torchao swaps ``nn.Linear`` for ``Float8Linear`` on the plain module; the TP plan
-  must see the fp8 modules (to pick fp8-aware column/row styles), and fp8 all-gather needs FSDP2
-  to wrap weights that are already fp8-castable tensor subclasses.
+- fp8 first: torchao swaps ``nn.Linear`` for ``Float8Linear`` on the plain module, before any
+  weight becomes a DTensor; TP then shards those modules with the same column/row styles as any
+  Linear (torchao's fp8-specific TP styles, which would all-gather activations in fp8, are not
+  used), and fp8 all-gather needs FSDP2 to wrap weights that are already fp8-castable tensor
+  subclasses.
 - TP next: it replaces weights by DTensors sharded over the "tp" mesh and inserts the
   communication at module boundaries; everything after it wraps modules that already compute on
   local shards.

@@ -7,7 +7,9 @@
    on the meta device (shapes only, no memory) and runs the real `parallelize` (TP plan, then
    FSDP2/HSDP) on it, so each parameter's DTensor placements and rank-0 local shape are the ones
    a real run gets. fp8, activation checkpointing and compile are left out of that call: they do
-   not change parameter placements (their memory effects are in the estimate). If a process group
+   not change parameter placements. Activation checkpointing's memory effect is in the
+   estimate; fp8's is not (its scales and fp8 weight copies are not counted; with fp8
+   all-gather a note says the gathered weights take half the bf16 figure). If a process group
    already exists in this process, the same plan is derived analytically instead, and the report
    says so.
 2. estimates rank-0 memory (rank 0 holds the largest FSDP shard: FSDP2 pads dim 0 up to a multiple
