@@ -7,6 +7,12 @@ processes, which only read and write shards, start without importing torch.
 from typing import Any
 
 from kfm.data.shards import ShardError, ShardSet, ShardWriter, token_dtype, write_manifest
+from kfm.data.verify import (
+    VerifyShare,
+    raise_verify_errors,
+    verification_share,
+    verify_shard_sets,
+)
 
 _LOADER_NAMES = ("Batch", "PackedLoader", "validation_batches")
 
@@ -16,8 +22,12 @@ __all__ = [
     "ShardError",
     "ShardSet",
     "ShardWriter",
+    "VerifyShare",
+    "raise_verify_errors",
     "token_dtype",
     "validation_batches",
+    "verification_share",
+    "verify_shard_sets",
     "write_manifest",
 ]
 

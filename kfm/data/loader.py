@@ -119,7 +119,7 @@ class PackedLoader:
         split: str = "train",
         rank: int = 0,
         world_size: int = 1,
-        verify: str = "sha256",
+        verify: str = "spread",
     ) -> None:
         """Open the sources' ``split`` and position the loader at the first sample.
 
@@ -130,7 +130,11 @@ class PackedLoader:
             seed: non-negative seed of the mixture draw and the shuffles.
             split: split of every source to read.
             rank, world_size: this process's slice of each global step.
-            verify: "sha256" or "size", passed to `ShardSet.open`.
+            verify: "size", "spread" or "sha256" (the ``data.verify`` setting). "spread" opens
+                like "size" here (manifest, file sizes, first and last .idx offsets; no data
+                read): its hashing part, each file hashed by one rank, is
+                `kfm.data.verify.verify_shard_sets`, which the trainer runs. "sha256" hashes
+                every file of every source on this rank (slow at scale).
 
         Raises:
             ShardError: a source is not a valid shard set, has no full window of seq_len + 1
@@ -307,7 +311,7 @@ def validation_batches(
     seq_len: int,
     micro_batch_size: int,
     n_batches: int,
-    verify: str = "sha256",
+    verify: str = "spread",
 ) -> list[Batch]:
     """The fixed validation set: the first ``n_batches * micro_batch_size`` windows of the sources'
     "val" splits, unshuffled, round-robin over sources (window 0 of each source, then window 1...).
@@ -315,6 +319,8 @@ def validation_batches(
     A source that runs out of windows drops out of the round-robin; the set never wraps, so it can
     hold fewer windows than asked, and the last batch can then be smaller than micro_batch_size.
     Every call returns the same batches. Weights are ignored: each source counts equally.
+    ``verify`` is as in `PackedLoader`: "spread" opens like "size" (the trainer hashes the files
+    with `kfm.data.verify.verify_shard_sets`), "sha256" hashes every val file here.
 
     Raises:
         ShardError: a source has no "val" split, no source has a full window of seq_len + 1 val

@@ -255,7 +255,11 @@ def test_loader_reports_bad_shards(three, tmp_path: Path) -> None:
     data[0] ^= 0xFF
     bin0.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"train-00000\.bin: sha256 mismatch"):
-        PackedLoader([src.cfg], seq_len=T, micro_batch_size=2, seed=0)
+        PackedLoader([src.cfg], seq_len=T, micro_batch_size=2, seed=0, verify="sha256")
+    # "spread" (the default) opens like "size": the trainer hashes with verify_shard_sets.
+    for mode in ("spread", "size"):
+        PackedLoader([src.cfg], seq_len=T, micro_batch_size=2, seed=0, verify=mode)
+    validation_batches([src.cfg], seq_len=T, micro_batch_size=2, n_batches=1)
     with pytest.raises(ShardError, match="fewer than seq_len"):
         PackedLoader([src.cfg], seq_len=100_000, micro_batch_size=2, seed=0, verify="size")
     missing = DataSourceConfig(name="gone", path=str(tmp_path / "gone"))

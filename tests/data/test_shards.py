@@ -178,9 +178,10 @@ def test_open_errors_name_the_file_and_fix(shard_set, tmp_path: Path) -> None:
 
     bin1 = path / "train-00001.bin"
     _corrupt_byte(bin1, 7)
-    ShardSet.open(path, verify="size")  # sizes still agree
+    ShardSet.open(path)  # default "size": sizes still agree, no data read
+    ShardSet.open(path, verify="spread")  # the same at open; the hashing is verify_shard_sets
     with pytest.raises(ShardError, match=r"train-00001\.bin: sha256 mismatch.*kfm pack"):
-        ShardSet.open(path)
+        ShardSet.open(path, verify="sha256")
 
     good = bin1.read_bytes()
     bin1.write_bytes(good[:-2])
@@ -214,11 +215,35 @@ def test_open_rejects_bad_manifests(shard_set) -> None:
         ShardSet.open(path)
 
 
+def _rewrite_idx(path: Path, name: str, offsets: np.ndarray) -> None:
+    """Write bad offsets into an .idx and its manifest hash: a packer bug, not disk corruption."""
+    offsets.astype("<i8").tofile(path / name)
+    mpath = path / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    for entry in manifest["splits"].values():
+        for f in entry["files"]:
+            if f["idx"] == name:
+                f["sha256_idx"] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    mpath.write_text(json.dumps(manifest))
+
+
+def test_idx_is_memory_mapped_not_read(shard_set) -> None:
+    path, _, _ = shard_set
+    ss = ShardSet.open(path, verify="size")
+    assert ss._idxs and all(isinstance(i, np.memmap) and i.mode == "r" for i in ss._idxs)
+    assert all(isinstance(b, np.memmap) for b in ss._bins)
+
+
 def test_idx_contents_checked(shard_set) -> None:
     path, _, _ = shard_set
-    idx = path / "val-00000.idx"
-    offsets = np.fromfile(idx, dtype="<i8")
-    offsets[1], offsets[2] = offsets[2], offsets[1]
-    offsets.tofile(idx)
-    with pytest.raises(ShardError, match=r"val-00000\.idx: document offsets"):
+    offsets = np.fromfile(path / "val-00000.idx", dtype="<i8")
+    swapped = offsets.copy()
+    swapped[1], swapped[2] = offsets[2], offsets[1]
+    _rewrite_idx(path, "val-00000.idx", swapped)
+    ShardSet.open(path, "val", verify="size")  # the full monotonic check is not on the open path
+    with pytest.raises(ShardError, match=r"val-00000\.idx: document offsets must rise"):
+        ShardSet.open(path, "val", verify="sha256")
+    # First and last offsets are checked at open in every mode (O(1)).
+    _rewrite_idx(path, "val-00000.idx", np.concatenate([offsets[:-1], [offsets[-1] - 1]]))
+    with pytest.raises(ShardError, match=r"val-00000\.idx: document offsets.*run from 0 to"):
         ShardSet.open(path, "val", verify="size")
