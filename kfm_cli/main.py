@@ -253,6 +253,20 @@ def cmd_data_card(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_data_verify(args: argparse.Namespace, overrides: list[str]) -> int:
+    from kfm.data.verify import raise_verify_errors, verification_share, verify_shard_sets
+
+    splits = args.splits or None  # None: every split of each manifest
+    share = verification_share(args.shard_sets, splits=splits)
+    errors = verify_shard_sets(args.shard_sets, splits=splits, workers=args.workers)
+    raise_verify_errors([errors])  # ShardError -> "kfm data: error: ..." and exit 1
+    print(
+        f"ok: {share.total_files} shard files ({share.total_bytes / 1e9:.2f} GB) in "
+        f"{len(args.shard_sets)} shard set(s): sizes, sha256 and document indexes match"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kfm",
@@ -441,6 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default=None, help="where to write (default RUN_DIR/DATA_CARD.md)"
     )
     dp.set_defaults(func=cmd_data_card)
+    dp = dsub.add_parser(
+        "verify",
+        help="check shard sets in full: sizes, sha256 of every file, document indexes",
+        description="Full verification of `kfm pack` / `kfm data run` shard sets, once, outside "
+        "training (where data.verify=spread spreads the same checks over the ranks). Exits 1 "
+        "listing every bad file.",
+    )
+    dp.add_argument("shard_sets", nargs="+", help="shard set directories (hold manifest.json)")
+    dp.add_argument(
+        "--splits", nargs="+", default=None, help="splits to check (default: every split)"
+    )
+    dp.add_argument("--workers", type=int, default=4, help="files hashed in parallel")
+    dp.set_defaults(func=cmd_data_verify)
     return parser
 
 

@@ -33,6 +33,7 @@ SURFACE = {
     "data pii-report": ["--output", "input"],
     "data run": ["--dry-run", "--executor", "--overwrite", "config"],
     "data card": ["--output", "run_dir"],
+    "data verify": ["--splits", "--workers", "shard_sets"],
 }
 
 
@@ -79,6 +80,7 @@ def test_cli_surface_is_frozen():
         ["data", "pii-report"],
         ["data", "run"],
         ["data", "card"],
+        ["data", "verify"],
     ],
 )
 def test_help_on_every_command(command):
@@ -135,3 +137,20 @@ def test_data_pii_report_writes_spans_per_document(tmp_path, capsys):
     assert sorted(s["type"] for s in rows[0]["spans"]) == ["email", "phone"]
     assert rows[1]["spans"] == []
     assert "PII spans found: 2" in capsys.readouterr().out
+
+
+def test_data_verify_finds_a_corrupt_file(tiny_sources, tmp_path, capsys):
+    import shutil
+
+    good = [s["path"] for s in tiny_sources]
+    assert main(["data", "verify", *good]) == 0
+    assert "ok: 4 shard files" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    shutil.copytree(good[0], bad)
+    idx = sorted(bad.glob("val-*.idx"))[0]
+    data = bytearray(idx.read_bytes())
+    data[-1] ^= 0x01  # same size: the sha256 (and the offsets) no longer match
+    idx.write_bytes(bytes(data))
+    assert main(["data", "verify", str(bad), good[1]]) == 1
+    err = capsys.readouterr().err
+    assert "val-00000.idx" in err and "sha256" in err

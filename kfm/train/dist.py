@@ -112,6 +112,15 @@ def mean_over_ranks(value: Tensor) -> Tensor:
     return out / dist.get_world_size()
 
 
+def gather_to_all(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled: small things only)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_from_rank0(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (pickled; for small things like a path or an error text)."""
     if not is_distributed():

@@ -23,6 +23,7 @@ from kfm.checkpoint import agree_on_checkpoint, resolve_checkpoint_arg, resume_c
 from kfm.checkpoint.stepdir import MANIFEST
 from kfm.config import Config, ConfigError
 from kfm.data import PackedLoader, validation_batches
+from kfm.data.verify import raise_verify_errors, verification_share, verify_shard_sets
 from kfm.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
 from kfm.train.backends import Backend, build_backend
 from kfm.train.callbacks import (
@@ -37,7 +38,13 @@ from kfm.train.callbacks import (
     throughput_for,
 )
 from kfm.train.debug import BatchTrace, FaultInjector
-from kfm.train.dist import WorldInfo, broadcast_from_rank0, process_group, world_from_env
+from kfm.train.dist import (
+    WorldInfo,
+    broadcast_from_rank0,
+    gather_to_all,
+    process_group,
+    world_from_env,
+)
 from kfm.train.guard import BadStepsError
 from kfm.train.health import StragglerReport, Watchdog, apply_nccl_debug_env
 from kfm.train.loggers import MetricLogger
@@ -112,6 +119,7 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
     run_dir = Path(cfg.train.run_root) / cfg.train.name
     backend = build_backend(cfg, world, device)
     try:
+        verified = verify_data(cfg, world)
         loader = PackedLoader(
             cfg.data.sources,
             seq_len=cfg.data.seq_len,
@@ -138,6 +146,8 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
         if resumed_from is not None:
             logger.info(f"resumed from {resumed_from} at step {start_step}")
         logger.info(backend.describe())
+        if verified:
+            logger.info(verified)
         batches = TimedBatches(
             BatchTrace(loader, Path(cfg.debug.trace_batches), world.rank)
             if cfg.debug.trace_batches
@@ -151,7 +161,7 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
                 seq_len=cfg.data.seq_len,
                 micro_batch_size=cfg.train.micro_batch_size,
                 n_batches=cfg.eval.batches,
-                verify="size",  # the train split's check above covered the val files too
+                verify=cfg.data.verify,
             )
             if cfg.eval.interval > 0
             else [],
@@ -179,7 +189,7 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
             stop.restore()
             logger.close()
         if world.rank == 0:
-            done = step == cfg.train.steps and not stop.requested
+            done = step == cfg.train.steps  # a signal on the last step changes nothing
             write_status(
                 run_dir, "finished" if done else "stopped", step=step, reason=stop.signal_name
             )
@@ -228,6 +238,23 @@ def build_components(
     if cfg.health.profile_steps:
         components.append(Profiler(cfg, run_dir, world.rank))
     return components
+
+
+def verify_data(cfg: Config, world: WorldInfo) -> str | None:
+    """``data.verify: spread``: every rank checks its share of the shard files (file i by rank
+    i mod world size: sha256 of .bin and .idx, the document index), the findings are gathered,
+    and any rank's problem stops every rank. Returns a log line, or None for other modes (the
+    loader's own open checks sizes, or hashes everything on every rank with ``sha256``).
+
+    Raises:
+        ShardError: listing every problem found on any rank.
+    """
+    if cfg.data.verify != "spread":
+        return None
+    errors = verify_shard_sets(cfg.data.sources, rank=world.rank, world_size=world.world_size)
+    raise_verify_errors(gather_to_all(errors))
+    share = verification_share(cfg.data.sources, rank=world.rank, world_size=world.world_size)
+    return f"data.verify=spread: {share.describe()}"
 
 
 def resume(
