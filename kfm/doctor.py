@@ -91,13 +91,13 @@ PROBE_ITERS = {"cuda": (5, 20), "cpu": (2, 5)}  # (warm-up, timed)
 
 NVIDIA_SMI_TIMEOUT_S = 30.0
 
-# Test-only: the host name this process reports, so that two torchrun agents on one machine
-# (--nnodes 2, c10d rendezvous on localhost) look like two nodes to the per-host checks.
-_HOST_ENV = "KFM_DOCTOR_HOSTNAME"
-
-
 def hostname() -> str:
-    return os.environ.get(_HOST_ENV) or socket.gethostname()
+    """The node this process runs on, as the per-node checks group ranks: under torchrun its
+    agent's node rank and the host name ("node3 (gpu-07)"), so that two agents sharing a machine
+    are two nodes, as torchrun counts them; without torchrun the host name alone."""
+    node = os.environ.get("GROUP_RANK")
+    host = socket.gethostname()
+    return f"node{node} ({host})" if node is not None else host
 
 
 class DoctorError(RuntimeError):

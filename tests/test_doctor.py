@@ -104,8 +104,8 @@ def _free_port() -> int:
 
 
 def test_two_nodes_probe_each_host_then_across_hosts(tmp_path):
-    """Two torchrun agents (--nnodes 2, c10d rendezvous) with 2 ranks each, told apart by the
-    test-only KFM_DOCTOR_HOSTNAME: the multi-node path of the Slurm script."""
+    """Two torchrun agents (--nnodes 2, c10d rendezvous) with 2 ranks each: two nodes as torchrun
+    counts them (node ranks 0 and 1), on one machine: the multi-node path of the Slurm script."""
     port = _free_port()
     procs = []
     for node in range(2):
@@ -113,7 +113,7 @@ def test_two_nodes_probe_each_host_then_across_hosts(tmp_path):
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=doctor",
                "-m", "kfm_cli", "doctor", TINY, f"--train.run_root={tmp_path}",
                "--probe-mib=4"]  # fmt: skip
-        env = {**_env(), "KFM_DOCTOR_HOSTNAME": f"node{node}"}
+        env = _env()
         procs.append(
             subprocess.Popen(
                 cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -128,9 +128,10 @@ def test_two_nodes_probe_each_host_then_across_hosts(tmp_path):
     if not fails:
         assert [p.returncode for p in procs] == [0, 0], out + results[0][1][-3000:]
     assert "4 ranks on 2 hosts" in out
-    assert "node0: ranks 0-1" in out and "node1: ranks 2-3" in out
-    for host in ("node0", "node1"):
-        assert f"intra-node {host}, 2 ranks: gloo 4.0 MiB" in out
+    host = socket.gethostname()
+    assert f"node0 ({host}): ranks 0-1" in out and f"node1 ({host}): ranks 2-3" in out
+    for node in ("node0", "node1"):
+        assert f"intra-node {node} ({host}), 2 ranks: gloo 4.0 MiB" in out
     assert "inter-node 2 hosts, 4 ranks: gloo" in out
 
 
