@@ -91,6 +91,7 @@ PROBE_ITERS = {"cuda": (5, 20), "cpu": (2, 5)}  # (warm-up, timed)
 
 NVIDIA_SMI_TIMEOUT_S = 30.0
 
+
 def hostname() -> str:
     """The node this process runs on, as the per-node checks group ranks: under torchrun its
     agent's node rank and the host name ("node3 (gpu-07)"), so that two agents sharing a machine

@@ -108,7 +108,7 @@ def test_two_nodes_probe_each_host_then_across_hosts(tmp_path):
     counts them (node ranks 0 and 1), on one machine: the multi-node path of the Slurm script."""
     port = _free_port()
     procs = []
-    for node in range(2):
+    for _node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=doctor",
                "-m", "kfm_cli", "doctor", TINY, f"--train.run_root={tmp_path}",
