@@ -8,6 +8,8 @@ flash runs flash-attn's varlen kernels through the custom op `kfm::flash_varlen`
 `kfm::flash_varlen_backward`), which torch.compile treats as one opaque op. Its tensor inputs
 have shapes fixed by (B, T), whatever the number of documents, so a compiled block never
 recompiles because the document count changed; see `AttentionMask` and `cu_seqlens_from_doc_ids`.
+Both ops have a CUDA kernel (flash-attn's) and a fake implementation for tracing; other devices
+have none.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -167,8 +169,8 @@ def build_attention_mask(
 ) -> AttentionMask:
     """Build the mask of one forward: block-causal from doc_ids (B, T), or causal if None.
 
-    backend is cfg.attn_backend. Raises ImportError/RuntimeError for flash without flash-attn or
-    off CUDA (unless a test has set FLASH_TEST_STAND_IN).
+    backend is cfg.attn_backend. Raises ImportError for flash without flash-attn and
+    RuntimeError for flash off CUDA (`_check_flash`).
     """
     backend = resolve_backend(backend, device)
     if backend == "sdpa":
@@ -181,8 +183,7 @@ def build_attention_mask(
             mask_mod = document_causal_mask_mod(doc_ids)
             block_mask = make(mask_mod, batch, None, seq_len, seq_len, device=device)
         return AttentionMask("flex", block_mask=block_mask)
-    if FLASH_TEST_STAND_IN is None:
-        _check_flash(device)
+    _check_flash(device)
     if doc_ids is None:
         cu_seqlens, seq_info = causal_cu_seqlens(batch, seq_len, device)
     else:
@@ -195,7 +196,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
 
     q is (B, T, n_heads, head_dim); k and v are (B, T, n_kv_heads, head_dim) with n_kv_heads
     dividing n_heads (grouped-query attention). Returns (B, T, n_heads, head_dim). flash calls
-    `kfm::flash_varlen` and needs CUDA, bf16/fp16 and head_dim a multiple of 8 up to 256.
+    `kfm::flash_varlen`, whose one kernel is flash-attn's on CUDA: bf16/fp16 activations and
+    head_dim a multiple of 8 up to 256 (`_check_flash_inputs`).
     """
     n_heads, n_kv_heads = q.shape[2], k.shape[2]
     if mask.backend == "flash":
@@ -230,20 +232,8 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         raise ValueError(
             "a flash AttentionMask needs cu_seqlens and seq_info (build_attention_mask)"
         )
-    head_dim = q.shape[-1]
-    if FLASH_TEST_STAND_IN is None:
-        if q.device.type != "cuda":
-            _check_flash(q.device)
-        if q.dtype not in (torch.bfloat16, torch.float16):
-            raise RuntimeError(
-                f"attn_backend='flash' needs bf16/fp16 activations, got {q.dtype}; "
-                "set --train.dtype=bf16 or --model.attn_backend=sdpa"
-            )
-        if head_dim % 8 != 0 or head_dim > 256:
-            raise RuntimeError(
-                f"attn_backend='flash' needs head_dim a multiple of 8 and at most 256, got "
-                f"{head_dim}; change model.d_model / model.n_heads or use attn_backend=flex"
-            )
+    if q.device.type != "cuda":
+        _check_flash(q.device)
     # Sequences become varlen segments of the flattened (B*T, heads, head_dim); GQA is native.
     out, _ = flash_varlen(
         q.flatten(0, 1),
@@ -251,77 +241,25 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         v.flatten(0, 1),
         mask.cu_seqlens,
         mask.seq_info,
-        head_dim**-0.5,
+        q.shape[-1] ** -0.5,
     )
     return out.view(q.shape)
 
 
-class VarlenKernels(NamedTuple):
-    """The kernels behind `kfm::flash_varlen`: causal attention inside each varlen sequence.
-
-    forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale) -> (out, lse): q (N, H, D), k and v
-    (N, H_kv, D) with H_kv dividing H, cu_seqlens (n + 1,) int32 offsets of n sequences covering
-    the N tokens, max_seqlen >= the longest; out (N, H, D) contiguous, lse (H, N) fp32 contiguous,
-    the log-sum-exp of each query's scaled scores. backward(dout, q, k, v, out, lse, cu_seqlens,
-    max_seqlen, softmax_scale) -> (dq, dk, dv), contiguous, shaped like q, k, v.
-    """
-
-    forward: Callable[[Tensor, Tensor, Tensor, Tensor, int, float], tuple[Tensor, Tensor]]
-    backward: Callable[
-        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, float],
-        tuple[Tensor, Tensor, Tensor],
-    ]
-
-
-# Test stand-in: None in production, where `kfm::flash_varlen` runs flash-attn's CUDA kernels and
-# attn_backend='flash' is refused without flash-attn, off CUDA, outside bf16/fp16 and for head
-# dims flash-attn lacks. A test sets it (pytest's monkeypatch.setattr) to reference kernels, e.g.
-# on the CPU, to run the op and the compiled model around it without flash-attn or a GPU; those
-# refusals are then skipped. Nothing in kfm sets it: there is no silent fallback for users.
-FLASH_TEST_STAND_IN: VarlenKernels | None = None
-
-
-def _flash_attn_kernels() -> VarlenKernels:
-    # flash-attn >= 2.7 (the `gpu` extra); these positional signatures are unchanged through 2.8.
-    from flash_attn.flash_attn_interface import (
-        _flash_attn_varlen_backward,
-        _flash_attn_varlen_forward,
-    )
-
-    def forward(
-        q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int, scale: float
-    ) -> tuple[Tensor, Tensor]:
-        # dropout_p=0, causal=True; returns (out, lse, S_dmask, rng_state).
-        out, lse, _, _ = _flash_attn_varlen_forward(
-            q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, scale, True
+def _check_flash_inputs(q: Tensor) -> None:
+    """Refuse what flash-attn's kernels lack: q (N, H, D) not bf16/fp16, or D (head_dim) not a
+    multiple of 8 or above 256 (flash-attn itself checks that k and v match q)."""
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(
+            f"attn_backend='flash' needs bf16/fp16 activations, got {q.dtype}; "
+            "set --train.dtype=bf16 or --model.attn_backend=sdpa"
         )
-        return out, lse
-
-    def backward(
-        dout: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        cu: Tensor,
-        max_seqlen: int,
-        scale: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        # Writes dq, dk, dv. Arguments after scale: causal, window (-1, -1) = unlimited,
-        # softcap 0, no alibi, deterministic=False, no rng_state (no dropout).
-        _flash_attn_varlen_backward(
-            dout, q, k, v, out, lse, dq, dk, dv, cu, cu, max_seqlen, max_seqlen, 0.0, scale,
-            True, -1, -1, 0.0, None, False, None,
-        )  # fmt: skip
-        return dq, dk, dv
-
-    return VarlenKernels(forward, backward)
-
-
-def _kernels() -> VarlenKernels:
-    return FLASH_TEST_STAND_IN if FLASH_TEST_STAND_IN is not None else _flash_attn_kernels()
+    head_dim = q.shape[-1]
+    if head_dim % 8 != 0 or head_dim > 256:
+        raise RuntimeError(
+            f"attn_backend='flash' needs head_dim a multiple of 8 and at most 256, got "
+            f"{head_dim}; change model.d_model / model.n_heads or use attn_backend=flex"
+        )
 
 
 def _unpack(cu_seqlens: Tensor, seq_info: Tensor) -> tuple[Tensor, int]:
@@ -330,18 +268,33 @@ def _unpack(cu_seqlens: Tensor, seq_info: Tensor) -> tuple[Tensor, int]:
     return cu_seqlens[: n_seqs + 1], max_seqlen
 
 
-@torch.library.custom_op("kfm::flash_varlen", mutates_args=())
+# The kernels below are flash-attn's (>= 2.7, the `gpu` extra; these positional signatures are
+# unchanged through 2.8), registered for CUDA only: on any other device the dispatcher finds no
+# kernel for the ops. `build_attention_mask` refuses attn_backend='flash' before that, off CUDA or
+# without flash-attn.
+
+
+@torch.library.custom_op("kfm::flash_varlen", mutates_args=(), device_types="cuda")
 def flash_varlen(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, seq_info: Tensor, softmax_scale: float
 ) -> tuple[Tensor, Tensor]:
     """Causal attention inside each sequence of a `build_attention_mask` flash mask.
 
-    q (N, H, D), k and v (N, H_kv, D), cu_seqlens (N + 1,) and seq_info as in `AttentionMask`.
-    Returns (out (N, H, D), lse (H, N) fp32). Opaque to torch.compile; differentiable in q, k, v.
+    q (N, H, D), k and v (N, H_kv, D) with H_kv dividing H; cu_seqlens (N + 1,) and seq_info as in
+    `AttentionMask`. Returns (out (N, H, D), lse (H, N) fp32: the log-sum-exp of each query's
+    scaled scores), contiguous. Opaque to torch.compile; differentiable in q, k, v. The kernel is
+    flash-attn's, for CUDA (RuntimeError outside bf16/fp16 or its head dims); other devices have
+    none.
     """
+    from flash_attn.flash_attn_interface import _flash_attn_varlen_forward
+
+    _check_flash_inputs(q)
     cu, max_seqlen = _unpack(cu_seqlens, seq_info)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out, lse = _kernels().forward(q, k, v, cu, max_seqlen, softmax_scale)
+    # dropout_p=0, causal=True; returns (out, lse, S_dmask, rng_state).
+    out, lse, _, _ = _flash_attn_varlen_forward(
+        q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, softmax_scale, True
+    )
     return out.contiguous(), lse.contiguous()
 
 
@@ -353,7 +306,7 @@ def _flash_varlen_fake(
     return q.new_empty(q.shape), lse
 
 
-@torch.library.custom_op("kfm::flash_varlen_backward", mutates_args=())
+@torch.library.custom_op("kfm::flash_varlen_backward", mutates_args=(), device_types="cuda")
 def flash_varlen_backward(
     dout: Tensor,
     q: Tensor,
@@ -365,11 +318,21 @@ def flash_varlen_backward(
     seq_info: Tensor,
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of `flash_varlen`'s out, given dout and its saved out and lse."""
+    """Gradients (dq, dk, dv) of `flash_varlen`'s out, given dout and its saved out and lse;
+    contiguous, shaped like q, k, v. The kernel is flash-attn's, for CUDA; other devices have
+    none."""
+    from flash_attn.flash_attn_interface import _flash_attn_varlen_backward
+
+    _check_flash_inputs(q)
     cu, max_seqlen = _unpack(cu_seqlens, seq_info)
     dout, q, k, v, out = (x.contiguous() for x in (dout, q, k, v, out))
-    grads = _kernels().backward(dout, q, k, v, out, lse, cu, max_seqlen, softmax_scale)
-    dq, dk, dv = (g.contiguous() for g in grads)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Writes dq, dk, dv. Arguments after softmax_scale: causal, window (-1, -1) = unlimited,
+    # softcap 0, no alibi, deterministic=False, no rng_state (no dropout).
+    _flash_attn_varlen_backward(
+        dout, q, k, v, out, lse, dq, dk, dv, cu, cu, max_seqlen, max_seqlen, 0.0, softmax_scale,
+        True, -1, -1, 0.0, None, False, None,
+    )  # fmt: skip
     return dq, dk, dv
 
 

@@ -1,10 +1,13 @@
 """attn_backend='flash' under per-block torch.compile: no recompiles as the document count varies.
 
-In production `kfm::flash_varlen` runs flash-attn's CUDA kernels. On this CPU-only machine the
-tests set kfm.model.attention.FLASH_TEST_STAND_IN to `STAND_IN`: reference kernels in explicit
-fp32 math, the backward computed from the saved out and lse as flash-attn's is. The op, its fake
-implementation, its autograd formula and the compiled blocks around it are then the production
-code; only the kernel under the op differs. The CUDA test at the end runs the real kernels.
+`kfm::flash_varlen` and `kfm::flash_varlen_backward` have a CUDA kernel only (flash-attn's), and
+`build_attention_mask` refuses attn_backend='flash' off CUDA. On this CPU-only machine the
+`flash_on_cpu` fixture registers reference kernels as the ops' CPU kernels
+(`torch.library.register_kernel`): explicit fp32 math, the backward computed from the saved out
+and lse as flash-attn's is. It also replaces `attention._check_flash` (pytest's monkeypatch) for
+the test. The ops, their fake implementations, the autograd formula and the compiled blocks
+around them are then the production code; only the kernel under the op differs. The CUDA test at
+the end runs the real kernels.
 
 The first inductor compile of a block takes ~20-30 s on the 2-core CI machine (see
 tests/parallel/test_compile.py about the cache).
@@ -27,7 +30,6 @@ from torch._dynamo.utils import counters
 import kfm.model.attention as attention_module
 from kfm.config import ModelConfig, ParallelConfig
 from kfm.model.attention import (
-    VarlenKernels,
     attention,
     build_attention_mask,
     cu_seqlens_from_doc_ids,
@@ -43,9 +45,17 @@ VOCAB, BATCH, SEQ_LEN = 50, 2, 64
 DOCS_PER_ROW = (1, 3, 7, 12)
 
 
-def _spans(cu_seqlens: Tensor) -> list[tuple[int, int]]:
+def _spans(cu_seqlens: Tensor, seq_info: Tensor, n_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) of the n sequences of `kfm::flash_varlen`'s metadata, checking its layout:
+    offsets from 0, then n_tokens up to the end of cu_seqlens (zero-length padding), and
+    seq_info = [n, longest sequence], exact."""
+    n_seqs, max_seqlen = seq_info.tolist()
     bounds = cu_seqlens.tolist()
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    assert bounds[0] == 0 and bounds[n_seqs:] == [n_tokens] * (len(bounds) - n_seqs)
+    spans = list(zip(bounds[:n_seqs], bounds[1 : n_seqs + 1], strict=True))
+    assert all(end > start for start, end in spans)
+    assert max(end - start for start, end in spans) == max_seqlen
+    return spans
 
 
 def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -56,13 +66,12 @@ def _scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 def reference_forward(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, seq_info: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """Causal attention per sequence of cu_seqlens; zero-length sequences contribute nothing."""
+    """CPU kernel of `kfm::flash_varlen`: causal attention inside each sequence."""
     group = q.shape[1] // k.shape[1]
     outs, lses = [], []
-    for start, end in _spans(cu_seqlens):
-        assert 0 <= end - start <= max_seqlen
+    for start, end in _spans(cu_seqlens, seq_info, q.shape[0]):
         qs = q[start:end].float().transpose(0, 1)  # (H, L, D)
         ks = k[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
         vs = v[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
@@ -81,13 +90,14 @@ def reference_backward(
     out: Tensor,
     lse: Tensor,
     cu_seqlens: Tensor,
-    max_seqlen: int,
+    seq_info: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Flash-attention's backward: P from the saved lse, D = rowsum(dout * out)."""
+    """CPU kernel of `kfm::flash_varlen_backward`, as flash-attention's backward: P from the
+    saved lse, D = rowsum(dout * out)."""
     n_kv, group, head_dim = k.shape[1], q.shape[1] // k.shape[1], q.shape[2]
     dq, dk, dv = (torch.zeros(x.shape) for x in (q, k, v))
-    for start, end in _spans(cu_seqlens):
+    for start, end in _spans(cu_seqlens, seq_info, q.shape[0]):
         span, length = slice(start, end), end - start
         qs = q[span].float().transpose(0, 1)  # (H, L, D)
         ks = k[span].float().repeat_interleave(group, dim=1).transpose(0, 1)
@@ -106,12 +116,25 @@ def reference_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-STAND_IN = VarlenKernels(reference_forward, reference_backward)
+@pytest.fixture(scope="module")
+def cpu_kernels() -> None:
+    """Register the reference kernels as the ops' CPU kernels.
+
+    torch 2.13's register_kernel, for an op made by torch.library.custom_op, returns the function
+    (no handle; its lib= argument is not used for such ops) and torch has no public way to remove
+    the kernel, so the registration lasts the rest of the pytest process. Registering again
+    replaces it. Production code never reaches it: build_attention_mask refuses flash off CUDA
+    before the op is called (test_flash_stays_refused_off_cuda).
+    """
+    torch.library.register_kernel("kfm::flash_varlen", "cpu", reference_forward)
+    torch.library.register_kernel("kfm::flash_varlen_backward", "cpu", reference_backward)
 
 
 @pytest.fixture
-def stand_in(monkeypatch):
-    monkeypatch.setattr(attention_module, "FLASH_TEST_STAND_IN", STAND_IN)
+def flash_on_cpu(cpu_kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """attn_backend='flash' on the CPU for one test: the reference CPU kernels, and the CUDA and
+    flash-attn refusal (`attention._check_flash`) replaced by a no-op until the test ends."""
+    monkeypatch.setattr(attention_module, "_check_flash", lambda device: None)
 
 
 @pytest.fixture
@@ -168,7 +191,7 @@ def run_compiled(model: Transformer, batches, reference: Transformer | None = No
 
 
 @pytest.mark.parametrize("ac", ["none", "full"])
-def test_compiled_flash_blocks_do_not_recompile_as_documents_vary(stand_in, fresh_dynamo, ac):
+def test_compiled_flash_blocks_do_not_recompile_as_documents_vary(flash_on_cpu, fresh_dynamo, ac):
     """1, 3, 7 and 12 documents per row: one compiled graph for both blocks (built in step 1),
     no recompilation after it, no graph break (the op is opaque), and the sdpa backend's logits
     and gradients (inductor reorders fp32 reductions: ~1e-7)."""
@@ -185,7 +208,7 @@ def test_compiled_flash_blocks_do_not_recompile_as_documents_vary(stand_in, fres
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("masked", [True, False])
-def test_flash_op_matches_sdpa(stand_in, n_kv_heads: int, masked: bool) -> None:
+def test_flash_op_matches_sdpa(flash_on_cpu, n_kv_heads: int, masked: bool) -> None:
     """Eager attention(): out and q/k/v gradients of flash equal sdpa's, documents or not."""
     torch.manual_seed(0)
     n_heads, head_dim = 4, 16
@@ -203,7 +226,7 @@ def test_flash_op_matches_sdpa(stand_in, n_kv_heads: int, masked: bool) -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_flash_op_registration(stand_in) -> None:
+def test_flash_op_registration(flash_on_cpu) -> None:
     """torch.library.opcheck: schema, fake implementation vs the real one (shapes, strides),
     autograd registration, and tracing by AOTAutograd with dynamic shapes."""
     torch.manual_seed(0)
@@ -217,11 +240,28 @@ def test_flash_op_registration(stand_in) -> None:
 
 
 def test_flash_stays_refused_off_cuda(monkeypatch) -> None:
-    """Without the test stand-in, flash on the CPU is refused even if flash-attn imports."""
+    """Production refuses flash on the CPU even if flash-attn imports (no `flash_on_cpu` here:
+    whether or not the reference CPU kernels are registered, the op is never reached)."""
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     tokens, _, doc_ids = doc_batches([3])[0]
     with pytest.raises(RuntimeError, match="CUDA only"):
         tiny_model("flash")(tokens, doc_ids)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "match"),
+    [
+        (torch.float32, 64, r"bf16/fp16.*--train\.dtype=bf16"),
+        (torch.bfloat16, 12, r"multiple of 8.*model\.n_heads"),
+        (torch.float16, 264, r"at most 256.*model\.n_heads"),
+    ],
+)
+def test_flash_kernel_constraints_name_the_flags(dtype, head_dim: int, match: str) -> None:
+    """What flash-attn's kernels lack, checked by the CUDA kernels of both ops before flash-attn
+    is called (no GPU needed to check the check)."""
+    attention_module._check_flash_inputs(torch.empty(8, 4, 128, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=match):
+        attention_module._check_flash_inputs(torch.empty(8, 4, head_dim, dtype=dtype))
 
 
 @pytest.mark.gpu
