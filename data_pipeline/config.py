@@ -23,8 +23,7 @@ from data_pipeline.steps.pack import PackConfig
 from data_pipeline.steps.pii_scrub import PIIScrubConfig
 from data_pipeline.steps.quality import QualityConfig
 from data_pipeline.steps.read import InputConfig
-from kfm.config.loader import ConfigError, build_section, parse_overrides, read_yaml
-from kfm.config.loader import deep_merge
+from kfm.config.loader import ConfigError, build_section, deep_merge, parse_overrides, read_yaml
 
 STEPS = (*SECTIONS, "exact_dedup", "minhash")
 """Steps that `skip` may name, in pipeline order (reading and packing always run)."""

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from kfm.checkpoint import load_model_state
-from kfm_cli import main
 from kfm.config import config_from_dict
 from kfm.data import validation_batches
 from kfm.model.transformer import Transformer
+from kfm_cli import main
 from tests.conftest import REPO, tiny_overrides
 
 TINY = str(REPO / "configs" / "tiny.yaml")
