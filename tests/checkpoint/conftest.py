@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -55,3 +59,35 @@ def make_model() -> Callable[..., TinyLM]:
 @pytest.fixture
 def train_steps() -> Callable[..., None]:
     return _train_steps
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_gloo_ranks(script: str, *args: str, world_size: int = 2, timeout: float = 120) -> None:
+    """Run ``python -c script *args`` as ``world_size`` real processes that join one gloo group
+    (the environment torchrun would give them); fail the test with their output unless all exit 0.
+    """
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env |= {"WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world_size)
+    ]
+    try:
+        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:  # only the workers this call started
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [p.returncode for p in procs] == [0] * world_size, "\n".join(logs)[-4000:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from kfm.checkpoint import Checkpointer, find_latest_valid, list_checkpoints, load_model_state
+from tests.checkpoint.conftest import run_gloo_ranks
 
 CONFIG = {"model": {}}
 
@@ -157,35 +157,10 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_each_rank_hashes_its_own_files_and_resume_checks_are_spread(tmp_path: Path) -> None:
     root, out = tmp_path / "checkpoints", tmp_path / "out.json"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    env |= {"WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(root), str(out)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+    run_gloo_ranks(WORKER, str(root), str(out))
     r0, r1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in range(2))
     # Saving: each rank hashed exactly the files it wrote (rank 0 also DCP's .metadata).
     assert r0["saved"] == [".metadata", "__0_0.distcp", "trainer_state_rank0.pt"]

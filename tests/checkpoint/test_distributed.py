@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import pytest
 import torch
 
 from kfm.checkpoint import load_model_state, validate_checkpoint
+from tests.checkpoint.conftest import run_gloo_ranks
 
 WORKER = textwrap.dedent(
     """
@@ -63,37 +61,10 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_gloo_ranks_save_and_load(tmp_path: Path) -> None:
     root, reference = tmp_path / "checkpoints", tmp_path / "reference.pt"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    env["WORLD_SIZE"] = "2"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(root), str(reference)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=120)[0])
-    finally:
-        for proc in procs:  # only the workers this test started
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)[-4000:]
+    run_gloo_ranks(WORKER, str(root), str(reference))
 
     path = root / "step_000002"
     manifest = validate_checkpoint(path)
