@@ -13,7 +13,6 @@ from typing import Any
 import yaml
 
 from kfm.config import Config, ConfigError
-from kfm.parallel.mesh import mesh_shape
 
 # -- config ------------------------------------------------------------------------------------
 
@@ -58,16 +57,17 @@ def ds_config(cfg: Config, *, world_size: int) -> dict[str, Any]:
             f"parallel.tp={cfg.parallel.tp}: the DeepSpeed backend is data-parallel only "
             "(set --parallel.tp=1, or --parallel.backend=fsdp for tensor parallel)"
         )
-    replicate, shard, _ = mesh_shape(cfg.parallel, world_size)
-    if replicate != 1:
+    p = cfg.parallel
+    one_group = p.dp_replicate == 1 and p.dp_shard in (-1, world_size)
+    if not (one_group or (p.dp_replicate == -1 and p.dp_shard == world_size)):
         # ZeRO partitions over every rank. DeepSpeed's hierarchical variants are not HSDP: hpZ
         # (zero_hpz_partition_size) keeps a secondary copy of the weights per node but still
         # shards optimizer state over all ranks, and MiCS (mics_shard_size) needs the model built
         # under its own init context. Refusing is better than silently ignoring the layout.
         raise ConfigError(
-            f"parallel.dp_replicate={cfg.parallel.dp_replicate} x parallel.dp_shard="
-            f"{cfg.parallel.dp_shard} is an HSDP layout ({replicate} replicas of {shard}-way "
-            "shards), which the DeepSpeed backend does not map: ZeRO shards over all ranks. Set "
+            f"parallel.dp_replicate={p.dp_replicate} x parallel.dp_shard={p.dp_shard} on "
+            f"{world_size} rank(s) is not one group of all ranks (HSDP replicates shards across "
+            "groups), which the DeepSpeed backend does not map: ZeRO shards over all ranks. Set "
             "--parallel.dp_replicate=1 --parallel.dp_shard=-1 for DeepSpeed, or use "
             "--parallel.backend=fsdp for HSDP"
         )

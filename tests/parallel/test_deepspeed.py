@@ -95,7 +95,7 @@ def test_ds_config_rejects_batch_that_does_not_divide_and_tp():
 def test_ds_config_refuses_hsdp_layout():
     """dp_replicate x dp_shard is not silently ignored: ZeRO shards over every rank."""
     cfg = tiny("--parallel.dp_replicate=2", "--parallel.dp_shard=2")
-    with pytest.raises(ConfigError, match="HSDP layout .*--parallel.dp_replicate=1"):
+    with pytest.raises(ConfigError, match="HSDP.*--parallel.dp_replicate=1 --parallel.dp_shard=-1"):
         ds_config(cfg, world_size=4)
     cfg = tiny("--parallel.dp_shard=4", "--train.micro_batch_size=2")
     assert ds_config(cfg, world_size=4)["zero_optimization"]["stage"] == 3
