@@ -311,7 +311,7 @@ def test_slurm_dry_run_writes_scripts_without_sbatch(
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from tests.data_pipeline.slurm_cluster import missing_slurm, slurm_cluster
+    from tests.slurm_cluster import missing_slurm, slurm_cluster
 
     if reason := missing_slurm():
         pytest.skip(reason)
@@ -421,30 +421,3 @@ def test_slurm_failed_task_blocks_next_stage_and_rerun_resumes(
     check_toy_output(work)
     calls = sorted((work / "calls.txt").read_text().split())
     assert calls == ["first:0", "first:1", "first:1", "second:0", "second:1"]
-
-
-@pytest.mark.slow
-def test_train_sbatch_template_runs_on_local_slurm(
-    cluster: Any, tmp_path: Path, tiny_sources: list[dict]
-) -> None:
-    """launch/slurm/train.sbatch: srun + torchrun (2 CPU ranks on gloo) trains configs/tiny.yaml."""
-    from tests.conftest import tiny_overrides
-
-    out = tmp_path / "train.out"
-    args = tiny_overrides(tiny_sources, tmp_path / "runs", "slurm_tiny") + ["--train.steps=4"]
-    submit = subprocess.run(
-        # no GPUs here: override the template's --gpus-per-node; NPROC=2 CPU ranks on gloo
-        ["sbatch", "--gpus-per-node=0", f"--output={out}", f"--chdir={REPO}"]
-        + ["launch/slurm/train.sbatch", "configs/tiny.yaml", *args],
-        env={**cluster.env, "NPROC": "2"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    job = submit.stdout.split()[-1]
-    cluster.wait_idle(timeout=300)
-    log = out.read_text()
-    assert "2 ranks: mesh" in log and "step      4 | loss" in log, log[-3000:]
-    state = cluster.run("scontrol", "show", "job", job).stdout
-    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, state
-    assert (tmp_path / "runs" / "slurm_tiny" / "checkpoints" / "step_000004").is_dir()

@@ -190,7 +190,7 @@ def test_rerun_with_other_config_is_refused(sample_run: Path) -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    from tests.data_pipeline.slurm_cluster import missing_slurm, slurm_cluster
+    from tests.slurm_cluster import missing_slurm, slurm_cluster
 
     if reason := missing_slurm():
         pytest.skip(reason)

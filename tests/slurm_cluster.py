@@ -22,6 +22,9 @@ from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scancel", "sacct")
 INSTALL_HINT = "apt-get install -y slurmctld slurmd slurm-client munge (as root)"
+# Slurm 22.05 holds a requeued job with BeginTime = now + AuthInfo cred_expire + 1 s (default 120:
+# two minutes; Slurm >= 23.02 reads SchedulerParameters=requeue_delay first). 5 is the least allowed.
+REQUEUE_DELAY = 5
 
 
 def missing_slurm() -> str | None:
@@ -91,6 +94,11 @@ def _real_memory_mb() -> int:
 
 
 def _write_conf(root: Path, munge_socket: Path, partition: str, cpus: int) -> Path:
+    # For the requeue tests (tests/launch/test_slurm_train.py): cred_expire (REQUEUE_DELAY) and a
+    # 2 s scheduling pass (default 60 s, backfill 30 s) start a requeued job seconds after its hold
+    # instead of minutes; KillWait 10 s (SIGTERM to SIGKILL, default 30); MinJobAge keeps ended
+    # jobs in scontrol for 5 minutes; jobcomp/filetxt records every run of a job for `sacct -c`
+    # (no slurmdbd here); JobRequeue=1 is the default, spelled out.
     conf = root / "slurm.conf"
     conf.write_text(
         f"""ClusterName=kfmtest
@@ -101,7 +109,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={REQUEUE_DELAY}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -113,13 +121,17 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={root}/jobcomp.txt
 MailProg=/bin/true
-MinJobAge=30
+MinJobAge=300
+JobRequeue=1
+KillWait=10
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_real_memory_mb()} State=UNKNOWN
 PartitionName={partition} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
