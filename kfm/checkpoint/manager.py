@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -199,9 +200,8 @@ class Checkpointer:
         if _dist_on():
             # Collective at construction: every rank builds its Checkpointer at the same point.
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        self._executor: ThreadPoolExecutor | None = None
         self._stager: DefaultStager | None = None
-        self._in_flight: Future | None = None
+        self._in_flight: _Job | None = None
         self.last_blocking_s = 0.0
         """Seconds the last `save` call blocked its caller."""
 
@@ -249,7 +249,6 @@ class Checkpointer:
                         use_non_blocking_copy=cuda,
                     )
                 )
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="kfm-checkpoint")
             with _quiet_dist():
                 upload = dcp.async_save(
                     state,
@@ -258,8 +257,7 @@ class Checkpointer:
                     async_stager=self._stager,
                     no_dist=not _dist_on(),
                 )
-            assert self._executor is not None
-            self._in_flight = self._executor.submit(self._finish, upload, pending, extra)
+            self._in_flight = _Job(lambda: self._finish(upload, pending, extra))
         except BaseException:
             pending.abort()
             raise
@@ -296,17 +294,46 @@ class Checkpointer:
         except BaseException as e:
             raise CheckpointError(f"asynchronous checkpoint save failed: {_short_error(e)}") from e
 
-    def close(self) -> None:
-        """Finish the save in flight and free the staging buffers and the thread."""
+    def close(self, *, wait: bool = True) -> None:
+        """Finish the save in flight and free the staging buffers. ``wait=False`` (after an
+        error) abandons a save in flight instead: its thread is a daemon, so a process that
+        exits is not held up by it, and its ``.tmp-*`` dir is never loaded."""
         try:
-            self.wait()
+            if wait:
+                self.wait()
+            else:
+                self._in_flight = None
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            if self._stager is not None:
+            if self._stager is not None and wait:
                 self._stager.close()
                 self._stager = None
+
+
+class _Job:
+    """``fn()`` running in a daemon thread (a process that is exiting does not wait for it)."""
+
+    def __init__(self, fn: Callable[[], Path]) -> None:
+        self._result: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="kfm-checkpoint")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Path]) -> None:
+        try:
+            self._result = fn()
+        except BaseException as e:
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Path:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 class _quiet_dist(warnings.catch_warnings):

@@ -247,6 +247,8 @@ class Checkpointing(Callback):
         )
 
     def on_train_end(self, step: int, error: BaseException | None) -> None:
+        if error is not None:
+            return  # a save in flight may need ranks that are gone: the backend abandons it
         done = self.backend.wait()
         if done is not None:
             self.logger.info(f"saved checkpoint {done}")

@@ -118,6 +118,7 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     run_dir = Path(cfg.train.run_root) / cfg.train.name
     backend = build_backend(cfg, world, device)
+    ok = False
     try:
         verified = verify_data(cfg, world)
         loader = PackedLoader(
@@ -198,8 +199,9 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
                 f"{stop.signal_name or 'stop signal on another rank'} received: "
                 f"checkpoint saved at step {step}, exiting"
             )
+        ok = True
     finally:
-        backend.close()
+        backend.close(wait=ok)  # after an error a save in flight is abandoned, not waited for
     return {
         "run_dir": str(run_dir),
         "start_step": start_step,

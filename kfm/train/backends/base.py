@@ -6,7 +6,8 @@ checkpoint files; the loop (kfm/train/trainer.py) only calls it:
     backend.step(batches) -> StepOutput      one optimizer step: accumulation, clip, guard, update
     backend.save(step, trainer_state)        checkpoint (may return before the files are written)
     backend.load(path) -> trainer_state      resume (model, optimizer, schedule, RNG)
-    backend.wait() / backend.close()         finish the save in flight / release everything
+    backend.wait() / backend.close(wait=)    finish the save in flight / release everything
+                                             (wait=False after an error: abandon it)
     backend.module, backend.autocast_dtype   the model for evaluation and export
 
 Implementations: `kfm.train.backends.fsdp.FSDPBackend` (one process, FSDP2/HSDP, tensor
@@ -75,7 +76,7 @@ class Backend(Protocol):
 
     def wait(self) -> Path | None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, wait: bool = True) -> None: ...
 
     def describe(self) -> str: ...
 

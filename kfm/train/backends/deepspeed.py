@@ -242,5 +242,5 @@ class DeepSpeedBackend:
     def wait(self) -> Path | None:
         return None  # saves are synchronous
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         pass

@@ -208,5 +208,5 @@ class FSDPBackend:
     def wait(self) -> Path | None:
         return self.checkpointer.wait()
 
-    def close(self) -> None:
-        self.checkpointer.close()
+    def close(self, *, wait: bool = True) -> None:
+        self.checkpointer.close(wait=wait)
