@@ -178,3 +178,32 @@ def test_each_rank_hashes_its_own_files_and_resume_checks_are_spread(tmp_path: P
     assert r0["ok"] == r1["ok"] == str(root / "step_000001")
     assert r0["bad"] == r1["bad"] == "None"
     assert "__1_0.distcp" not in r0["verified_after_corruption"]
+
+
+ABANDON = textwrap.dedent(
+    """
+    import sys, threading, torch
+    from torch import nn
+    import kfm.checkpoint.stepdir as stepdir
+    from kfm.checkpoint import Checkpointer
+
+    model = nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    # The background finalize never returns, as when it waits for a rank that is gone.
+    stepdir.PendingSave.finalize = lambda *args, **kwargs: threading.Event().wait()
+    ckpt = Checkpointer(sys.argv[1], config={}, keep_last=0, async_save=True)
+    ckpt.save(1, model=model, optimizer=opt, trainer_state={})
+    ckpt.close(wait=False)  # what the trainer does after an error
+    print("exiting")
+    """
+)
+
+
+def test_abandoned_save_does_not_hold_up_the_exit(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", ABANDON, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr
+    assert list_checkpoints(tmp_path) == []  # the abandoned save never became a checkpoint
