@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,23 @@ def missing_slurm() -> str | None:
     return None
 
 
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+def missing_cgroup() -> str | None:
+    """Why ``proctrack="cgroup"`` cannot run here, or None: it needs a writable cgroup v1 freezer.
+
+    proctrack/cgroup is what most clusters run, and it signals only each task (the process srun
+    started), not the task's children, unless the signal is SIGKILL.
+    """
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        mounted = len(fields) > 3 and fields[1:3] == [str(FREEZER), "cgroup"]
+        if mounted and "freezer" in fields[3].split(",") and os.access(FREEZER, os.W_OK):
+            return None
+    return f"no writable cgroup v1 freezer at {FREEZER}"
+
+
 @dataclass(slots=True)
 class SlurmCluster:
     """Handle on a running local cluster: its folder, config and the environment clients need."""
@@ -45,6 +62,7 @@ class SlurmCluster:
     conf: Path
     partition: str
     env: dict[str, str] = field(default_factory=dict)
+    proctrack: str = "linuxproc"
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a Slurm client command (sbatch, squeue...) against this cluster."""
@@ -93,7 +111,9 @@ def _real_memory_mb() -> int:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
-def _write_conf(root: Path, munge_socket: Path, partition: str, cpus: int) -> Path:
+def _write_conf(
+    root: Path, munge_socket: Path, partition: str, cpus: int, proctrack: str = "linuxproc"
+) -> Path:
     # For the requeue tests (tests/launch/test_slurm_train.py): cred_expire (REQUEUE_DELAY) and a
     # 2 s scheduling pass (default 60 s, backfill 30 s) start a requeued job seconds after its hold
     # instead of minutes; KillWait 10 s (SIGTERM to SIGKILL, default 30); MinJobAge keeps ended
@@ -116,7 +136,7 @@ SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
-ProctrackType=proctrack/linuxproc
+ProctrackType=proctrack/{proctrack}
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
@@ -136,7 +156,22 @@ NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_real_memory_mb()}
 PartitionName={partition} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
     )
+    if proctrack == "cgroup":  # slurmd reads cgroup.conf next to slurm.conf
+        (root / "cgroup.conf").write_text(
+            f"CgroupPlugin=cgroup/v1\nCgroupMountpoint={FREEZER.parent}\nCgroupAutomount=no\n"
+        )
     return conf
+
+
+def _remove_cgroups(node: str = "localhost") -> None:
+    """Remove the freezer cgroups slurmd leaves behind (empty once its jobs ended), deepest first."""
+    top = FREEZER / f"slurm_{node}"
+    if not top.is_dir():
+        return
+    dirs = [top, *(d for d in top.rglob("*") if d.is_dir())]
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        with suppress(OSError):
+            d.rmdir()
 
 
 def _start_munged(root: Path, mdir: Path) -> subprocess.Popen[bytes]:
@@ -190,14 +225,21 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
 
 @contextmanager
 def slurm_cluster(
-    root: Path, *, partition: str = "debug", cpus: int = 2, timeout: float = 60.0
+    root: Path,
+    *,
+    partition: str = "debug",
+    cpus: int = 2,
+    timeout: float = 60.0,
+    proctrack: str = "linuxproc",
 ) -> Iterator[SlurmCluster]:
     """Start munged, slurmctld and slurmd under ``root``; yield once ``sinfo`` shows the node idle.
 
+    ``proctrack``: ``linuxproc`` (signals reach every process of a step) or ``cgroup`` (signals
+    reach only the tasks srun started, as on most clusters; see :func:`missing_cgroup`).
     Raises RuntimeError (with the install hint) when :func:`missing_slurm` says it cannot start,
     TimeoutError with the daemons' log tails when the node does not come up.
     """
-    if reason := missing_slurm():
+    if reason := missing_slurm() or (proctrack == "cgroup" and missing_cgroup()):
         raise RuntimeError(reason)
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -205,9 +247,9 @@ def slurm_cluster(
         (root / sub).mkdir(exist_ok=True)
     # munged runs as the munge user, who cannot enter pytest's 0700 tmp folders: its own /tmp dir.
     mdir = Path(tempfile.mkdtemp(prefix="kfm-munge-"))
-    conf = _write_conf(root, mdir / "munge.socket", partition, cpus)
+    conf = _write_conf(root, mdir / "munge.socket", partition, cpus, proctrack)
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    cluster = SlurmCluster(root=root, conf=conf, partition=partition, env=env)
+    cluster = SlurmCluster(root=root, conf=conf, partition=partition, env=env, proctrack=proctrack)
     procs: list[subprocess.Popen[bytes]] = []
 
     def check_alive() -> None:
@@ -246,3 +288,5 @@ def slurm_cluster(
         for proc in reversed(procs):  # slurmd, slurmctld, then munged
             _stop(proc)
         shutil.rmtree(mdir, ignore_errors=True)
+        if proctrack == "cgroup":
+            _remove_cgroups()
