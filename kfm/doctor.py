@@ -953,6 +953,9 @@ def run_doctor(
         dist.broadcast_object_list(box, src=0)
         if error is not None:
             raise error
+        # Every rank has the verdict before any tears the group down: a rank destroying gloo
+        # while a peer is still receiving the broadcast aborts the peer (SIGABRT at exit).
+        dist.barrier()
         return int(box[0])
     finally:
         dist.destroy_process_group()

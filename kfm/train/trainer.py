@@ -13,6 +13,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +54,28 @@ from kfm.train.signals import StopRequest
 from kfm.train.status import write_status
 
 
+@dataclass
+class Progress:
+    """How far the loop got; readable after it raised."""
+
+    step: int
+    """The last step completed (its components called)."""
+
+
 def run_loop(
     cfg: Config,
     backend: Backend,
     batches: TimedBatches,
     components: list[Callback],
     stop: StopRequest,
+    progress: Progress,
     *,
-    start_step: int,
     device: torch.device,
 ) -> int:
-    """Step ``backend`` from ``start_step`` to ``train.steps`` (or until a stop signal every rank
-    agrees on), calling every component at its hooks; returns the last step done."""
-    step, error = start_step, None
+    """Step ``backend`` from ``progress.step`` to ``train.steps`` (or until a stop signal every
+    rank agrees on), calling every component at its hooks; returns the last step done."""
+    start_step = step = progress.step
+    error = None
     for c in components:
         c.on_train_start(start_step)
     try:
@@ -87,6 +97,7 @@ def run_loop(
             )
             for c in components:
                 c.on_step_end(info)
+            progress.step = step
             if stopping:
                 break
     except BaseException as e:
@@ -172,18 +183,16 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
             logger,
         )
         components = build_components(cfg, backend, loader, logger, evaluator, world, device)
-        stop = StopRequest()
+        stop, progress = StopRequest(), Progress(step=start_step)
         try:
-            step = run_loop(
-                cfg, backend, batches, components, stop, start_step=start_step, device=device
-            )
+            step = run_loop(cfg, backend, batches, components, stop, progress, device=device)
         except BaseException as e:
             if world.rank == 0:
                 # kfm's own errors (config, data, checkpoint, diverging loss) recur on a rerun;
                 # anything else (a lost peer, an I/O error) may not.
                 retry = not isinstance(e, ConfigError | BadStepsError | ValueError)
                 write_status(
-                    run_dir, "failed", step=start_step, reason=repr(e)[:500], requeue=retry
+                    run_dir, "failed", step=progress.step, reason=repr(e)[:500], requeue=retry
                 )
             raise
         finally:

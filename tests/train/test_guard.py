@@ -131,3 +131,4 @@ def test_too_many_bad_steps_stop_the_run(tiny_sources, tmp_path) -> None:
     assert "2 updates in a row were skipped" in proc.stderr
     status = json.loads((tmp_path / "stuck" / "status.json").read_text())
     assert status["state"] == "failed" and status["requeue"] is False
+    assert status["step"] == 3  # the last step whose components all ran (step 4 raised)
