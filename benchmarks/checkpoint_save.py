@@ -394,6 +394,7 @@ def dist_worker(args: argparse.Namespace) -> None:
         out[mode] = {f"rank{r}": g for r, g in enumerate(gathered)}
     if rank == 0:
         (args.dist_worker / "result.json").write_text(json.dumps(out))
+    dist.barrier()  # tearing gloo down while a peer still receives aborts it (torch 2.13)
     dist.destroy_process_group()
 
 

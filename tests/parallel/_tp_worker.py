@@ -172,6 +172,7 @@ def main() -> None:
     )
     if int(os.environ["RANK"]) == 0:
         torch.save(result, args.out)
+    dist.barrier()  # tearing gloo down while a peer still receives aborts it (torch 2.13)
     dist.destroy_process_group()
 
 
