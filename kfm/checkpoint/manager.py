@@ -272,6 +272,15 @@ class Checkpointer:
             raise
         return pending.finalize(config=self.config, keep_last=self.keep_last, manifest_extra=extra)
 
+    def poll(self) -> Path | None:
+        """The dir of the save in flight if it has finished successfully since (once), without
+        blocking; None while it is being written. A failed save is left for `wait` to raise at
+        the point every rank calls it."""
+        job = self._in_flight
+        if job is None or not job.done() or job.failed:
+            return None
+        return self.wait()
+
     @property
     def in_flight(self) -> bool:
         """A save is still being written."""
@@ -327,6 +336,10 @@ class _Job:
 
     def done(self) -> bool:
         return not self._thread.is_alive()
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
 
     def result(self) -> Path:
         self._thread.join()

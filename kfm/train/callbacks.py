@@ -230,6 +230,9 @@ class Checkpointing(Callback):
         self.logger = logger
 
     def on_step_end(self, info: StepInfo) -> None:
+        done = self.backend.poll()  # an asynchronous save that has finished meanwhile
+        if done is not None:
+            self.logger.info(f"saved checkpoint {done}")
         interval = self.cfg.checkpoint.interval
         if not (info.last or (interval > 0 and info.step % interval == 0)):
             return

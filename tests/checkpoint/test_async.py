@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,21 @@ def test_async_save_holds_the_state_at_save_time(tmp_path, make_model) -> None:
     weights, _ = load_model_state(final)
     assert all(torch.equal(weights[k], at_save[k]) for k in at_save)
     assert not all(torch.equal(model.state_dict()[k], at_save[k]) for k in at_save)
+
+
+def test_poll_reports_a_finished_save_once(tmp_path, make_model) -> None:
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt)
+    ckpt = Checkpointer(tmp_path, config=CONFIG, keep_last=0, async_save=True)
+    ckpt.save(1, model=model, optimizer=opt, trainer_state={})
+    deadline = time.monotonic() + 60
+    while (done := ckpt.poll()) is None:  # never blocks: the loop calls it every step
+        assert time.monotonic() < deadline, "the save never finished"
+        time.sleep(0.01)
+    assert done == tmp_path / "step_000001"
+    assert ckpt.poll() is None and ckpt.wait() is None  # reported once
+    ckpt.close()
 
 
 def test_at_most_one_save_in_flight(tmp_path, make_model) -> None:

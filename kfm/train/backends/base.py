@@ -6,6 +6,7 @@ checkpoint files; the loop (kfm/train/trainer.py) only calls it:
     backend.step(batches) -> StepOutput      one optimizer step: accumulation, clip, guard, update
     backend.save(step, trainer_state)        checkpoint (may return before the files are written)
     backend.load(path) -> trainer_state      resume (model, optimizer, schedule, RNG)
+    backend.poll()                           the dir of a save that has finished since, if any
     backend.wait() / backend.close(wait=)    finish the save in flight / release everything
                                              (wait=False after an error: abandon it)
     backend.module, backend.autocast_dtype   the model for evaluation and export
@@ -75,6 +76,8 @@ class Backend(Protocol):
     def load(self, path: Path) -> dict[str, Any]: ...
 
     def wait(self) -> Path | None: ...
+
+    def poll(self) -> Path | None: ...
 
     def close(self, *, wait: bool = True) -> None: ...
 

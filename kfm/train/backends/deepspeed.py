@@ -107,6 +107,7 @@ class DeepSpeedBackend:
         self.guard = StepGuard(cfg.guard, self.device)
         self._optim_timer = DeviceTimer(self.device)
         self._deepspeed_version = deepspeed.__version__
+        self._saved: Path | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -170,7 +171,8 @@ class DeepSpeedBackend:
     # -- checkpoints ------------------------------------------------------------------------
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> None:
-        """Save the engine's state as ``checkpoints/step_XXXXXX`` (collective, synchronous)."""
+        """Save the engine's state as ``checkpoints/step_XXXXXX`` (collective, synchronous;
+        `poll`/`wait` then return its dir once)."""
         root = Path(self.cfg.train.run_root) / self.cfg.train.name / "checkpoints"
         pending = PendingSave.begin(root, step)
         try:
@@ -180,7 +182,7 @@ class DeepSpeedBackend:
             )
             pending.fsync_own_files()  # DeepSpeed does not fsync what it writes
             pending.write_trainer_state(trainer_state)
-            pending.finalize(
+            self._saved = pending.finalize(
                 config=to_dict(self.cfg),
                 keep_last=self.cfg.checkpoint.keep_last,
                 manifest_extra={
@@ -240,7 +242,11 @@ class DeepSpeedBackend:
         return state
 
     def wait(self) -> Path | None:
-        return None  # saves are synchronous
+        saved, self._saved = self._saved, None  # saves are synchronous: nothing to wait for
+        return saved
+
+    def poll(self) -> Path | None:
+        return self.wait()
 
     def close(self, *, wait: bool = True) -> None:
         pass

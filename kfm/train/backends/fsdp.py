@@ -208,5 +208,8 @@ class FSDPBackend:
     def wait(self) -> Path | None:
         return self.checkpointer.wait()
 
+    def poll(self) -> Path | None:
+        return self.checkpointer.poll()
+
     def close(self, *, wait: bool = True) -> None:
         self.checkpointer.close(wait=wait)
