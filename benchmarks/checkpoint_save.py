@@ -36,7 +36,6 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -61,6 +60,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_info  # noqa: E402
 from kfm.checkpoint import Checkpointer, load_model_state, step_dir_name  # noqa: E402
 from kfm.config import ModelConfig, OptimConfig, ParallelConfig, to_dict  # noqa: E402
 from kfm.fs import atomic_write_text  # noqa: E402
@@ -446,26 +446,6 @@ def run_dist(args: argparse.Namespace, work: Path) -> dict[str, Any] | None:
 # -- main ----------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-    }
-
-
 def scale_note(sha: dict[str, Any]) -> str:
     per_rank_gb = SCALE_BYTES / SCALE_RANKS / 1e9
     at = sha["at_scale"]
@@ -582,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "note_at_scale": scale_note(sha),
         "pass": ok,
         "env": {
-            **machine(),
+            **machine_info(),
             "load_avg_1m_at_start": load_at_start,
             "load_avg_1m_at_end": os.getloadavg()[0],
         },

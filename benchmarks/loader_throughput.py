@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_info  # noqa: E402
 from kfm.config import DataSourceConfig  # noqa: E402
 from kfm.data.loader import PackedLoader  # noqa: E402
 from kfm.data.shards import ShardWriter, token_dtype, write_manifest  # noqa: E402
@@ -238,26 +238,6 @@ def measure(cfgs: list[DataSourceConfig], files: list[Path], b: int, args) -> di
     }
 
 
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     load_at_start = os.getloadavg()[0]
@@ -309,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "results": results,
         "pass": all(r["pass"] for r in results.values()),
         "env": {
-            **machine(),
+            **machine_info(),
             "load_avg_1m_at_start": load_at_start,
             "load_avg_1m_at_end": os.getloadavg()[0],
         },

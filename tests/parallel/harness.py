@@ -54,6 +54,18 @@ class Run:
 _CACHE: dict[tuple, Run] = {}
 
 
+def train_command(
+    sources: list[dict], root: Path, name: str, *, nproc: int, args: tuple[str, ...] = ()
+) -> list[str]:
+    """``kfm train configs/tiny.yaml`` as run ``name`` under ``root`` with ``args`` overrides:
+    under torchrun on ``nproc`` gloo processes, or one plain process for ``nproc=0``."""
+    train = ["-m", "kfm_cli", "train", "configs/tiny.yaml", *tiny_overrides(sources, root, name)]
+    if nproc == 0:
+        return [sys.executable, *train, *args]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [sys.executable, *torchrun, *train, *args]
+
+
 def run_train(
     sources: list[dict],
     root: Path,
@@ -67,8 +79,9 @@ def run_train(
 
     ``nproc=0`` runs one plain process without torchrun (the single-process reference: no
     process group at all). ``args`` are extra config overrides. Each rank gets OMP_NUM_THREADS=1
-    and writes its batch trace (``--debug.trace_batches``) to ``root/name-trace``. A run with the same (root, name, nproc,
-    args) is started once per session and then served from the cache.
+    and writes its batch trace (``--debug.trace_batches``) to ``root/name-trace``. A run with
+    the same (root, name, nproc, args) is started once per session and then served from the
+    cache.
 
     Raises:
         AssertionError: the run exited non-zero (stdout/stderr tails in the message).
@@ -78,26 +91,9 @@ def run_train(
         return _CACHE[key]
     trace_dir = root / f"{name}-trace"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    train = [
-        "-m",
-        "kfm_cli",
-        "train",
-        "configs/tiny.yaml",
-        *tiny_overrides(sources, root, name),
-        f"--debug.trace_batches={trace_dir}",  # each rank's consumed samples (kfm/train/debug.py)
-    ]
-    if nproc == 0:
-        cmd = [sys.executable, *train, *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            *train,
-            *args,
-        ]
+    # --debug.trace_batches: each rank's consumed samples (kfm/train/debug.py)
+    trace = f"--debug.trace_batches={trace_dir}"
+    cmd = train_command(sources, root, name, nproc=nproc, args=(trace, *args))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (
         f"{' '.join(cmd)} exited {proc.returncode}\n"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO
+from tests.parallel.harness import train_command
 
 
 def _corrupt_copy(tiny_sources, tmp_path) -> list[dict]:
@@ -27,22 +27,8 @@ def _corrupt_copy(tiny_sources, tmp_path) -> list[dict]:
 
 
 def _train(sources, tmp_path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "kfm_cli",
-        "train",
-        "configs/tiny.yaml",
-        *tiny_overrides(sources, tmp_path / "runs", name),
-        "--train.steps=1",
-        "--train.micro_batch_size=2",
-        "--eval.interval=0",
-        *extra,
-    ]
+    args = ("--train.steps=1", "--train.micro_batch_size=2", "--eval.interval=0", *extra)
+    cmd = train_command(sources, tmp_path / "runs", name, nproc=2, args=args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

@@ -24,8 +24,8 @@ from kfm.train.health import (
     lower_median,
     nccl_debug_env,
 )
-from tests.conftest import REPO, tiny_overrides
-from tests.parallel.harness import fsdp_run, run_train, shared_root
+from tests.conftest import REPO
+from tests.parallel.harness import fsdp_run, run_train, shared_root, train_command
 
 # --- units -----------------------------------------------------------------------------------
 
@@ -211,22 +211,9 @@ def test_a_healthy_run_names_no_straggler(tiny_sources, tmp_path_factory):
 
 @pytest.mark.distributed
 def test_a_hung_rank_makes_every_rank_dump_its_stacks_and_exit(tiny_sources, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "kfm_cli",
-        "train",
-        "configs/tiny.yaml",
-        *tiny_overrides(tiny_sources, tmp_path, "hang"),
-        *SHORT,
-        "--debug.faults=[hang@3:r1]",
-        "--health.watchdog_s=5",
-        "--health.watchdog_first_step_s=60",
-    ]
+    faults = ("--debug.faults=[hang@3:r1]", "--health.watchdog_s=5")
+    args = (*SHORT, *faults, "--health.watchdog_first_step_s=60")
+    cmd = train_command(tiny_sources, tmp_path, "hang", nproc=2, args=args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
