@@ -7,7 +7,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ from kfm.config import GuardConfig, load_config
 from kfm.model.transformer import Transformer
 from kfm.train.guard import BadStepsError, StepGuard
 from kfm.train.optim import build_optimizer
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO
+from tests.parallel.harness import train_command
 
 NAN_AT, SPIKE_AT, STEPS = 5, 9, 10
 
@@ -59,13 +59,7 @@ def test_guard_without_skipping_stops_at_the_first_nonfinite_step() -> None:
 
 
 def _run(tiny_sources, root: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "kfm_cli",
-        "train",
-        "configs/tiny.yaml",
-        *tiny_overrides(tiny_sources, root, name),
+    args = (
         f"--train.steps={STEPS}",
         "--checkpoint.interval=1",
         "--checkpoint.keep_last=0",
@@ -73,7 +67,8 @@ def _run(tiny_sources, root: Path, name: str, *extra: str) -> subprocess.Complet
         f"--debug.faults=[nan@{NAN_AT}, spike@{SPIKE_AT}=1000]",
         "--guard.spike_window=3",
         *extra,
-    ]
+    )
+    cmd = train_command(tiny_sources, root, name, nproc=0, args=args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
