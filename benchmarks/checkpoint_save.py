@@ -60,7 +60,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.machine import run_env  # noqa: E402
 from kfm.checkpoint import Checkpointer, load_model_state, step_dir_name  # noqa: E402
 from kfm.config import ModelConfig, OptimConfig, ParallelConfig, to_dict  # noqa: E402
 from kfm.fs import atomic_write_text  # noqa: E402
@@ -561,11 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "note_at_scale": scale_note(sha),
         "pass": ok,
-        "env": {
-            **machine_info(),
-            "load_avg_1m_at_start": load_at_start,
-            "load_avg_1m_at_end": os.getloadavg()[0],
-        },
+        "env": run_env(load_at_start),
     }
     atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
     print_table(payload)

@@ -40,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.machine import run_env  # noqa: E402
 from kfm.config import DataSourceConfig  # noqa: E402
 from kfm.data.loader import PackedLoader  # noqa: E402
 from kfm.data.shards import ShardWriter, token_dtype, write_manifest  # noqa: E402
@@ -288,11 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         },
         "results": results,
         "pass": all(r["pass"] for r in results.values()),
-        "env": {
-            **machine_info(),
-            "load_avg_1m_at_start": load_at_start,
-            "load_avg_1m_at_end": os.getloadavg()[0],
-        },
+        "env": run_env(load_at_start),
     }
     atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
     print_table(payload)

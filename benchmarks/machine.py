@@ -30,3 +30,13 @@ def machine_info() -> dict[str, object]:
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def run_env(load_at_start: float) -> dict[str, object]:
+    """`machine_info` plus the 1-minute load average at the start and end of the run (a loaded
+    machine explains slow figures)."""
+    return {
+        **machine_info(),
+        "load_avg_1m_at_start": load_at_start,
+        "load_avg_1m_at_end": os.getloadavg()[0],
+    }
