@@ -212,11 +212,14 @@ class Checkpointer:
         model: nn.Module,
         optimizer: Optimizer | None,
         trainer_state: dict[str, Any],
+        manifest_extra: dict[str, Any] | None = None,
     ) -> None:
         """Checkpoint ``step`` (collective: every rank calls it at the same step).
 
         An earlier save still in flight is waited for first. Async: returns once the state is
-        staged in host memory; training may then change the weights.
+        staged in host memory; training may then change the weights. ``manifest_extra``: more
+        top-level keys of ``manifest.json`` (JSON values; training records the tokenizer hash
+        and the data fingerprint there).
         """
         _check_json(self.config, step)
         self.wait()
@@ -226,7 +229,7 @@ class Checkpointer:
             pending.write_trainer_state(trainer_state)
             state = model_optimizer_state(model, optimizer)
             writer = FileSystemWriter(pending.tmp, sync_files=True)
-            extra = {"has_optimizer": optimizer is not None}
+            extra = {**(manifest_extra or {}), "has_optimizer": optimizer is not None}
             if not self.async_save:
                 with _quiet_dist():
                     dcp.save(

@@ -49,6 +49,7 @@ from kfm.train.dist import (
 from kfm.train.guard import BadStepsError
 from kfm.train.health import StragglerReport, Watchdog, apply_nccl_debug_env
 from kfm.train.loggers import MetricLogger
+from kfm.train.resume import manifest_identity
 from kfm.train.rundir import prepare_run_dir
 from kfm.train.signals import StopRequest
 from kfm.train.status import write_status
@@ -142,6 +143,11 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
             verify=cfg.data.verify,
         )
         tok = check_tokenizer(cfg, loader)
+        # Recorded in every checkpoint manifest: kfm eval/export check the tokenizer against it,
+        # and a resume refuses shards whose content changed under the same path.
+        backend.manifest_extra.update(
+            manifest_identity(tokenizer_hash=loader.tokenizer_hash, sources=cfg.data.sources)
+        )
         start_step, resumed_from = resume(cfg, backend, loader, world)
         # Only now that data, tokenizer and checkpoint agree with the config is it recorded: a
         # refused resume must not overwrite the run's config.yaml with the config refused.

@@ -4,7 +4,8 @@ A backend owns the model, the optimizer, the schedule, the data-parallel layout 
 checkpoint files; the loop (kfm/train/trainer.py) only calls it:
 
     backend.step(batches) -> StepOutput      one optimizer step: accumulation, clip, guard, update
-    backend.save(step, trainer_state)        checkpoint (may return before the files are written)
+    backend.save(step, trainer_state)        checkpoint (may return before the files are written),
+                                             with ``backend.manifest_extra`` in its manifest
     backend.load(path) -> trainer_state      resume (model, optimizer, schedule, RNG)
     backend.poll()                           the dir of a save that has finished since, if any
     backend.wait() / backend.close(wait=)    finish the save in flight / release everything
@@ -62,6 +63,9 @@ class Backend(Protocol):
     """Micro-batches per rank per optimizer step."""
     guard: StepGuard
     """The bad-step guard whose counters the loop's components read."""
+    manifest_extra: dict[str, Any]
+    """Top-level keys every checkpoint manifest gets (the trainer sets ``tokenizer_hash`` and
+    ``data_fingerprint`` here once the data is open)."""
 
     @property
     def module(self) -> nn.Module: ...

@@ -105,6 +105,7 @@ class DeepSpeedBackend:
         )
         self.device = self.engine.device
         self.guard = StepGuard(cfg.guard, self.device)
+        self.manifest_extra: dict[str, Any] = {}
         self._optim_timer = DeviceTimer(self.device)
         self._deepspeed_version = deepspeed.__version__
         self._saved: Path | None = None
@@ -186,6 +187,7 @@ class DeepSpeedBackend:
                 config=to_dict(self.cfg),
                 keep_last=self.cfg.checkpoint.keep_last,
                 manifest_extra={
+                    **self.manifest_extra,
                     "backend": BACKEND,
                     "zero_stage": self.cfg.parallel.zero_stage,
                     "has_optimizer": True,

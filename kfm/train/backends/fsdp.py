@@ -75,6 +75,7 @@ class FSDPBackend:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, total_steps=cfg.train.steps)
         self.guard = StepGuard(cfg.guard, device)
+        self.manifest_extra: dict[str, Any] = {}
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._after_update = self._fp8_scale_hook()
         self._optim_timer = DeviceTimer(device)
@@ -189,7 +190,11 @@ class FSDPBackend:
     def save(self, step: int, trainer_state: dict[str, Any]) -> None:
         state = {**trainer_state, "scheduler": self.scheduler.state_dict()}
         self.checkpointer.save(
-            step, model=self.model, optimizer=self.optimizer, trainer_state=state
+            step,
+            model=self.model,
+            optimizer=self.optimizer,
+            trainer_state=state,
+            manifest_extra=self.manifest_extra,
         )
 
     def load(self, path: Path) -> dict[str, Any]:
