@@ -94,11 +94,30 @@ def _dry_run(cfg, *, world_size: int | None) -> int:
             f"gradient accumulation: {cfg.train.global_batch_size // cfg.train.micro_batch_size} "
             "micro-batches per step (1 process); add --world-size N to plan a distributed run"
         )
-        return 0
-    from kfm.parallel.plan import plan_report
+    else:
+        from kfm.parallel.plan import plan_report
 
-    print(f"--- plan for world size {world_size}")
-    print(plan_report(cfg, world_size))
+        print(f"--- plan for world size {world_size}")
+        print(plan_report(cfg, world_size))
+    return _preflight(cfg)
+
+
+def _preflight(cfg) -> int:
+    """Print the pre-flight checks; 1 if any fails (the run would stop on it), else 0."""
+    from kfm.train.preflight import preflight
+
+    checks = preflight(cfg)
+    print("--- pre-flight: data, tokenizer, run directory")
+    for check in checks:
+        print(check.line())
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        print(
+            f"kfm train: dry run found {len(failed)} problem(s) training would stop on: "
+            f"{', '.join(failed)} (see FAIL above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kfm_cli import build_parser, main
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_overrides
 
 SURFACE = {
     "train": ["--dry-run", "--world-size", "config"],
@@ -93,12 +93,14 @@ def test_help_on_every_command(command):
     assert out.returncode == 0 and "usage: kfm" in out.stdout
 
 
-def test_dry_run_prints_config_and_param_count(capsys):
+def test_dry_run_prints_config_and_param_count(capsys, tiny_sources, tmp_path):
+    overrides = tiny_overrides(tiny_sources, tmp_path, "dry")
     assert (
-        main(["train", str(REPO / "configs/quickstart.yaml"), "--dry-run", "--optim.lr=1e-3"]) == 0
+        main(["train", str(REPO / "configs/tiny.yaml"), "--dry-run", "--optim.lr=1e-3", *overrides])
+        == 0
     )
     out = capsys.readouterr().out
-    assert "lr: 0.001" in out and "parameters:" in out
+    assert "lr: 0.001" in out and "parameters:" in out and "--- pre-flight" in out
 
 
 def test_config_errors_exit_2_with_message(capsys):
@@ -108,15 +110,17 @@ def test_config_errors_exit_2_with_message(capsys):
 
 def test_dry_run_plans_the_256_gpu_preset(capsys):
     assert (
-        main(["train", str(REPO / "configs/b200_8b.yaml"), "--dry-run", "--world-size", "256"]) == 0
+        main(["train", str(REPO / "configs/b200_8b.yaml"), "--dry-run", "--world-size", "256"]) == 1
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "plan for world size 256" in out and "dp_replicate=32" in out and "FITS" in out
+    # The preset names no data yet: the plan is printed, and the dry run says training would stop.
+    assert "FAIL data.sources: empty" in out and "data.sources, tokenizer" in err
 
 
-def test_dry_run_shows_the_generated_deepspeed_config(capsys):
+def test_dry_run_shows_the_generated_deepspeed_config(capsys, tiny_sources, tmp_path):
     args = ["train", str(REPO / "configs/tiny.yaml"), "--dry-run", "--parallel.backend=deepspeed",
-            "--parallel.zero_stage=2"]  # fmt: skip
+            "--parallel.zero_stage=2", *tiny_overrides(tiny_sources, tmp_path, "ds")]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "DeepSpeed config for 1 rank(s)" in out

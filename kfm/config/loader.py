@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 from pathlib import Path
@@ -249,12 +250,125 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Range:
+    """Allowed values of one numeric field: lo <= x (lo < x if lo_open) and x <= hi (x < hi)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[float, ...] = ()
+    """Values allowed outside the range (e.g. -1 = "the rest of the world")."""
+
+    def ok(self, x: float) -> bool:
+        if x in self.also:
+            return True
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo is not None and self.hi is not None:
+            parts.append(
+                f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            )
+        elif self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        elif self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        parts += [f"{v:g}" for v in self.also]
+        return " or ".join(parts)
+
+
+_POSITIVE = _Range(lo=0, lo_open=True)
+_AT_LEAST_1 = _Range(lo=1)
+_NON_NEGATIVE = _Range(lo=0)
+_FRACTION = _Range(lo=0, hi=1)
+
+NUMERIC_RANGES: dict[str, _Range] = {
+    "model.vocab_size": _AT_LEAST_1,
+    "model.d_model": _AT_LEAST_1,
+    "model.n_layers": _AT_LEAST_1,
+    "model.n_heads": _AT_LEAST_1,
+    "model.n_kv_heads": _AT_LEAST_1,
+    "model.ffn_hidden": _AT_LEAST_1,
+    "model.ffn_multiple_of": _AT_LEAST_1,
+    "model.rope_theta": _POSITIVE,
+    "model.max_seq_len": _AT_LEAST_1,
+    "model.norm_eps": _POSITIVE,
+    "model.init_std": _POSITIVE,
+    "tokenizer.vocab_size": _AT_LEAST_1,
+    "tokenizer.min_frequency": _AT_LEAST_1,
+    "tokenizer.n_reserved": _NON_NEGATIVE,
+    "tokenizer.max_chars": _AT_LEAST_1,
+    "data.seq_len": _AT_LEAST_1,
+    "data.seed": _NON_NEGATIVE,  # numpy's default_rng refuses negative seeds
+    "optim.lr": _POSITIVE,
+    "optim.eps": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.grad_clip": _NON_NEGATIVE,
+    "optim.z_loss": _NON_NEGATIVE,
+    "schedule.warmup_steps": _NON_NEGATIVE,
+    "schedule.decay_fraction": _FRACTION,
+    "schedule.min_lr_ratio": _FRACTION,
+    "train.steps": _AT_LEAST_1,
+    "train.global_batch_size": _AT_LEAST_1,
+    "train.micro_batch_size": _AT_LEAST_1,
+    "train.seed": _NON_NEGATIVE,  # numpy.random.seed refuses negative seeds
+    "train.peak_tflops": _POSITIVE,
+    "parallel.dp_replicate": _Range(lo=1, also=(-1,)),
+    "parallel.dp_shard": _Range(lo=1, also=(-1,)),
+    "parallel.tp": _AT_LEAST_1,
+    "parallel.ac_every": _AT_LEAST_1,
+    "parallel.collective_timeout_s": _POSITIVE,
+    "checkpoint.interval": _NON_NEGATIVE,
+    "checkpoint.keep_last": _NON_NEGATIVE,
+    "logging.interval": _AT_LEAST_1,
+    "eval.interval": _NON_NEGATIVE,
+    "eval.batches": _AT_LEAST_1,
+    "guard.spike_sigma": _NON_NEGATIVE,
+    "guard.spike_window": _Range(lo=2),
+    "guard.max_consecutive_skips": _AT_LEAST_1,
+    "health.watchdog_s": _NON_NEGATIVE,
+    "health.watchdog_first_step_s": _NON_NEGATIVE,
+    "health.straggler_factor": _Range(lo=1, lo_open=True, also=(0,)),
+    "health.straggler_min_s": _NON_NEGATIVE,
+}
+"""The allowed range of every scalar int/float field of the config (None, where a field allows
+it, is always accepted); a test checks that no numeric field of the schema is missing here, so a
+bad number fails at load time (and `--dry-run`) instead of deep inside training."""
+
+
+def _check_numbers(cfg: Config) -> None:
+    for key, allowed in NUMERIC_RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number (set --{key})")
+        if not allowed.ok(value):
+            raise ConfigError(f"{key}={value} must be {allowed.describe()} (set --{key})")
+    for i, beta in enumerate(cfg.optim.betas):
+        if not (math.isfinite(beta) and 0.0 <= beta < 1.0):
+            raise ConfigError(
+                f"optim.betas[{i}]={beta} must be in [0, 1) (set --optim.betas='[0.9, 0.95]')"
+            )
+    for i, src in enumerate(cfg.data.sources):
+        if not (math.isfinite(src.weight) and src.weight > 0):
+            raise ConfigError(
+                f"data.sources[{i}].weight={src.weight} must be a finite number > 0 "
+                f"(source {src.name!r})"
+            )
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks; each error names the flag that fixes it."""
+    """Range checks of every number, then cross-field checks; each error names the flag that
+    fixes it."""
+    _check_numbers(cfg)
     m, t, d = cfg.model, cfg.train, cfg.data
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-        if getattr(m, key) <= 0:
-            raise ConfigError(f"model.{key}={getattr(m, key)} must be positive (set --model.{key})")
     if m.d_model % m.n_heads:
         raise ConfigError(
             f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model} (set --model.n_heads)"
@@ -271,7 +385,7 @@ def validate(cfg: Config) -> None:
             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
             f"(set --model.n_kv_heads to one of {divisors})"
         )
-    if d.seq_len <= 0 or d.seq_len > m.max_seq_len:
+    if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len} "
             "(set --data.seq_len or --model.max_seq_len)"
@@ -279,36 +393,13 @@ def validate(cfg: Config) -> None:
     names = [s.name for s in d.sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sources: names must be unique, got {names}")
-    for i, src in enumerate(d.sources):
-        if src.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight={src.weight} must be > 0")
-    if t.steps <= 0:
-        raise ConfigError(f"train.steps={t.steps} must be positive (set --train.steps)")
-    if t.micro_batch_size <= 0 or t.global_batch_size % t.micro_batch_size:
+    if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
             f"train.micro_batch_size={t.micro_batch_size} (set --train.micro_batch_size)"
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.95]")
-    sch = cfg.schedule
-    if (
-        sch.warmup_steps < 0
-        or not 0.0 <= sch.min_lr_ratio <= 1.0
-        or not 0.0 <= sch.decay_fraction <= 1.0
-    ):
-        raise ConfigError(
-            "schedule: warmup_steps must be >= 0 and min_lr_ratio, decay_fraction in [0, 1] "
-            f"(got {sch.warmup_steps}, {sch.min_lr_ratio}, {sch.decay_fraction})"
-        )
-    for key in ("logging.interval", "eval.batches"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key} must be >= 1 (set --{key})")
-    for key in ("eval.interval", "checkpoint.interval"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise ConfigError(f"{key} must be >= 0; 0 disables it (set --{key})")
     par = cfg.parallel
     if par.loss_parallel and par.tp == 1:
         raise ConfigError(
@@ -320,36 +411,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.fp8=mxfp8 needs bf16 parameters: set --train.dtype=bf16")
     if par.fp8_all_gather and par.fp8 != "tensorwise":
         raise ConfigError("parallel.fp8_all_gather=true needs --parallel.fp8=tensorwise")
-    if par.ac == "selective" and par.ac_every < 1:
-        raise ConfigError(
-            f"parallel.ac_every={par.ac_every} must be >= 1 (set --parallel.ac_every)"
-        )
-    if cfg.checkpoint.keep_last < 0:
-        raise ConfigError("checkpoint.keep_last must be >= 0 (0 keeps every checkpoint)")
-    if par.collective_timeout_s <= 0:
-        raise ConfigError(
-            f"parallel.collective_timeout_s={par.collective_timeout_s} must be > 0 "
-            "(set --parallel.collective_timeout_s)"
-        )
-    if t.peak_tflops is not None and t.peak_tflops <= 0:
-        raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be > 0 or null (the table)")
-    g = cfg.guard
-    if g.spike_sigma < 0 or g.spike_window < 2 or g.max_consecutive_skips < 1:
-        raise ConfigError(
-            f"guard: spike_sigma={g.spike_sigma} must be >= 0 (0 disables), spike_window="
-            f"{g.spike_window} >= 2 and max_consecutive_skips={g.max_consecutive_skips} >= 1 "
-            "(set --guard.spike_sigma, --guard.spike_window, --guard.max_consecutive_skips)"
-        )
     for spec in cfg.debug.faults:
         parse_fault(spec)
     h = cfg.health
-    for key in ("watchdog_s", "watchdog_first_step_s", "straggler_factor", "straggler_min_s"):
-        if getattr(h, key) < 0:
-            raise ConfigError(f"health.{key}={getattr(h, key)} must be >= 0 (set --health.{key})")
-    if h.straggler_factor and h.straggler_factor <= 1:
-        raise ConfigError(
-            f"health.straggler_factor={h.straggler_factor} must be > 1 (or 0 to disable)"
-        )
     if h.profile_steps and (
         len(h.profile_steps) != 2 or not 1 <= h.profile_steps[0] <= h.profile_steps[1]
     ):

@@ -113,3 +113,60 @@ def test_clock_like_values_stay_strings_and_dicts_are_typed(tmp_path):
     assert parse_overrides(["--s.time=30:00"]) == {"s": {"time": "30:00"}}
     with pytest.raises(ConfigError, match=r"s\.table\.5='x' has the wrong type"):
         build_section(Section, {"table": {"5": "x"}}, "s")
+
+
+def _numeric_fields() -> list[str]:
+    """Every scalar int/float field of the config tree, as 'section.key'."""
+    import typing
+
+    hints = typing.get_type_hints(Config)
+    keys = []
+    for section, cls in hints.items():
+        for name, tp in typing.get_type_hints(cls).items():
+            if typing.get_origin(tp) is list:
+                continue
+            args = set(typing.get_args(tp)) - {type(None)} or {tp}
+            if args & {int, float}:
+                keys.append(f"{section}.{name}")
+    return keys
+
+
+def test_every_numeric_field_has_a_range():
+    """A number added to the schema without a range would reach torch unchecked."""
+    from kfm.config.loader import NUMERIC_RANGES
+
+    fields = _numeric_fields()
+    assert "optim.lr" in fields and "train.global_batch_size" in fields
+    assert sorted(set(fields) - set(NUMERIC_RANGES)) == []
+    assert sorted(set(NUMERIC_RANGES) - set(fields)) == []  # no stale entries
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--train.global_batch_size=0", r"train.global_batch_size=0 must be >= 1 \(set --train"),
+        ("--optim.lr=-1e-3", r"optim.lr=-0.001 must be > 0 \(set --optim.lr\)"),
+        ("--optim.lr=.nan", r"optim.lr=nan must be a finite number"),
+        ("--optim.lr=0", r"optim.lr=0.0 must be > 0"),
+        ("--optim.betas=[0.9, 1.5]", r"optim.betas\[1\]=1.5 must be in \[0, 1\)"),
+        ("--optim.weight_decay=-0.1", r"optim.weight_decay=-0.1 must be >= 0"),
+        ("--schedule.min_lr_ratio=2", r"schedule.min_lr_ratio=2.0 must be in \[0, 1\]"),
+        ("--train.seed=-1", r"train.seed=-1 must be >= 0"),
+        ("--data.seed=-5", r"data.seed=-5 must be >= 0"),
+        ("--train.micro_batch_size=0", r"train.micro_batch_size=0 must be >= 1"),
+        ("--parallel.dp_shard=0", r"parallel.dp_shard=0 must be >= 1 or -1"),
+        ("--health.straggler_factor=0.5", r"health.straggler_factor=0.5 must be > 1 or 0"),
+        ("--model.init_std=0", r"model.init_std=0.0 must be > 0"),
+        ("--eval.batches=0", r"eval.batches=0 must be >= 1"),
+    ],
+)
+def test_bad_numbers_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_allowed_special_values_still_load():
+    cfg = load_config(
+        None, ["--parallel.dp_shard=-1", "--health.straggler_factor=0", "--optim.grad_clip=0"]
+    )
+    assert (cfg.parallel.dp_shard, cfg.health.straggler_factor, cfg.optim.grad_clip) == (-1, 0, 0)
