@@ -303,26 +303,25 @@ def run_stages(
         return
     if dry_run:
         return
-    previous = None
     for stage in stages:
+        # No datatrove `depends=` chain: the stages already run one by one and each is checked
+        # complete below. A chain would also pickle every earlier executor into each pool task
+        # of a later stage, and a stage run in this process (one worker, e.g. tasks: 1) keeps
+        # the steps it ran, loaded models included, which cannot be pickled.
         executor = _LocalExecutor(
             stage.pipeline,
             stage=stage.name,
             tasks=stage.tasks,
             workers=local_workers(stage, cfg),
             logging_dir=str(logs / stage.name),
-            depends=previous,
             skip_completed=True,
         )
-        # Stages run one by one, so a failure surfaces before the next stage starts; `depends`
-        # only makes datatrove check that the previous stage left no task incomplete.
         executor.run()
         if missing := executor.get_incomplete_ranks():
             raise RuntimeError(
                 f"stage {stage.name!r}: tasks {missing} did not complete; see "
                 f"{logs / stage.name / 'logs'} and rerun the same command"
             )
-        previous = executor
 
 
 def plan_text(stages: list[Stage], cfg: ExecutorConfig, logging_dir: str | Path) -> str:

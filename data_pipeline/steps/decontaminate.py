@@ -7,7 +7,7 @@ matching itself is `data_pipeline.decontaminate` (pure Python, documented there)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from data_pipeline.decontaminate import (
     DEFAULT_N,
@@ -86,6 +86,10 @@ class Decontaminator(PipelineStep):
         if self._index is None:
             self._index = NgramIndex.build(eval_texts(self.config.set_names), n=self.config.n)
         return self._index
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy sent to another process rebuilds the index there rather than carrying it.
+        return {**self.__dict__, "_index": None}
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         """Yield the documents of data that are clean (all of them in flag mode)."""

@@ -76,6 +76,11 @@ class LanguageID(BaseFilter):
             self._detector = LanguageDetector(max_chars=self.config.max_chars)
         return self._detector
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The fastText model cannot be pickled (datatrove pickles steps into pool workers and
+        # Slurm jobs); a copy loads its own on first use.
+        return {**self.__dict__, "_detector": None}
+
     def filter(self, doc: Any) -> bool | tuple[bool, str]:
         """Record the language of ``doc``; True to keep, (False, reason) to drop."""
         hint = doc.metadata.get("language")
