@@ -54,8 +54,21 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         )
     from kfm.train.trainer import train
 
-    summary = train(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the run
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before the loop started)
+        if rank0:
+            print(
+                "kfm train: interrupted (Ctrl-C) without saving a checkpoint for the current "
+                "step; rerun the same command to resume from the last saved one",
+                file=sys.stderr,
+            )
+        return 130
+    if not rank0:
+        return 0
+    if "nothing_to_do" in summary:
+        print(summary["nothing_to_do"])
         return 0
     first, last = summary.get("first_eval"), summary.get("last_eval")
     if first and last and first is not last:

@@ -199,6 +199,10 @@ class CheckpointConfig:
     goes on (at most one save in flight); false blocks the loop until the files are written."""
     verify: Literal["size", "sha256"] = "sha256"
     """Check at resume: file sizes only, or sizes plus sha256, each file hashed by one rank."""
+    force_resume: bool = False
+    """Resume even where the config or the data differ from the checkpoint's in ways that cannot
+    apply mid-run (model.*, data.seq_len/seed/sources, train.seed, parallel.backend, the tokenizer,
+    shards re-packed under the same path); every difference is still listed in the log."""
 
 
 @dataclass(kw_only=True, slots=True)

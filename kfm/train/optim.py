@@ -1,9 +1,12 @@
 """AdamW with decay / no-decay parameter groups, and the learning-rate schedules.
 
 The schedule is a pure function of the optimizer step (`lr_at`), so the test, the logger and the
-scheduler all compute the same number; `build_scheduler` wraps it in a `LambdaLR` whose state
-(`last_epoch`, `base_lrs`) round-trips through a checkpoint while the shape of the schedule always
-comes from the current config (resuming with more `train.steps` stretches the tail, as intended).
+scheduler all compute the same number; `build_scheduler` wraps it in a `LambdaLR` whose step count
+(`last_epoch`) round-trips through a checkpoint while the shape of the schedule always comes from
+the current config (resuming with more `train.steps` stretches the tail, as intended). A checkpoint
+also carries the peak lr (`base_lrs`) and AdamW's hyperparameters in its param groups: after
+loading one, `apply_optim_config` replaces them with the current config's, so a resume with a new
+``optim.lr`` follows the new schedule from the resume step on.
 """
 
 from __future__ import annotations
@@ -165,3 +168,36 @@ def build_scheduler(
     lr_at(0, total_steps=total_steps, peak_lr=1.0, cfg=cfg)  # fail here, not at the first step
     multiplier = functools.partial(_lr_multiplier, total_steps=total_steps, cfg=cfg)
     return LambdaLR(optimizer, lr_lambda=multiplier)
+
+
+def apply_optim_config(
+    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg: OptimConfig
+) -> None:
+    """Make a loaded optimizer and scheduler follow ``cfg`` from their current step on.
+
+    Loading a checkpoint restores the saved peak lr (``base_lrs``, each group's ``initial_lr``)
+    and AdamW's ``betas``, ``eps`` and ``weight_decay`` in the param groups; this sets them from
+    ``cfg`` and recomputes each group's ``lr`` for ``scheduler.last_epoch`` exactly as
+    ``LambdaLR`` does (``base_lr * multiplier(step)``), so with an unchanged config nothing
+    changes, bit for bit, and with a new one the next update uses ``lr_at(step)`` of the new
+    schedule. Weight decay goes to the "decay" group only ("no_decay" keeps 0). The moments
+    (``exp_avg``, ``exp_avg_sq``) and AdamW's step count are kept.
+    """
+    betas = (float(cfg.betas[0]), float(cfg.betas[1]))
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["betas"] = betas
+        group["eps"] = cfg.eps
+        name = group.get("name")
+        if name == "decay" or (name is None and group.get("weight_decay", 0.0) != 0.0):
+            group["weight_decay"] = cfg.weight_decay
+        else:
+            group["weight_decay"] = 0.0
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    lrs = [
+        base * multiplier(scheduler.last_epoch)
+        for multiplier, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+    ]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (the DeepSpeed backend logs it)

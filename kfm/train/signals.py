@@ -1,32 +1,53 @@
-"""SIGTERM / SIGUSR1 -> finish the current step, save a checkpoint and exit cleanly.
+"""SIGTERM / SIGUSR1 / SIGINT -> finish the current step, save a checkpoint and exit cleanly.
 
 Slurm sends SIGUSR1 (``--signal``, see launch/slurm/README.md) or SIGTERM before killing a job;
-a handler only sets a flag, and the ranks agree on it between steps (`StopRequest.agreed`), so a
-checkpoint is never half-written and every rank stops after the same step.
+Ctrl-C sends SIGINT. A handler only sets a flag, and the ranks agree on it between steps
+(`StopRequest.agreed`), so a checkpoint is never half-written and every rank stops after the same
+step. Repeated SIGTERM/SIGUSR1 (the Slurm relay repeats them) change nothing; a second Ctrl-C
+raises KeyboardInterrupt at once (the save in flight is abandoned; the previous checkpoint stays).
+
+Under torchrun a Ctrl-C at the terminal reaches every process of the foreground group: each rank
+gets it directly, and torchrun, which handles SIGINT itself, forwards another SIGINT to its
+workers and SIGKILLs them after its shutdown timeout (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s).
+A SIGINT within ``SAME_KEYPRESS_S`` of the first is taken for that forwarded copy, not for a
+second Ctrl-C.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from types import FrameType
 
 import torch
 import torch.distributed as dist
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SAME_KEYPRESS_S = 1.0
+"""SIGINTs this close to the first one count as the same Ctrl-C (torchrun's forwarded copy)."""
+
 
 class StopRequest:
     """Installs handlers for the given signals; ``requested`` turns True when one arrives here."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.requested = False
         self.signal_name: str | None = None
+        self._first_sigint: float | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > SAME_KEYPRESS_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+            if self._first_sigint is None:
+                self._first_sigint = now
+        if not self.requested:
+            self.signal_name = signal.Signals(signum).name
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank once any rank has received a signal (collective, every step).

@@ -1,8 +1,9 @@
 """The training loop, and the set-up that builds what it calls.
 
-``train(cfg)`` joins the process group (under torchrun), builds the backend (model, optimizer,
-schedule, parallel layout, checkpoints: kfm/train/backends/), opens and checks the data, resumes
-from the newest valid checkpoint, builds the components (metrics, straggler report, evaluation,
+``train(cfg)`` joins the process group (under torchrun), takes the run's lock (one writer per
+run: kfm/train/lock.py), builds the backend (model, optimizer, schedule, parallel layout,
+checkpoints: kfm/train/backends/), opens and checks the data, resumes from the newest valid
+checkpoint (listing every config change since it: kfm/train/resume.py), builds the components (metrics, straggler report, evaluation,
 checkpointing, guard monitor, debug faults, watchdog, profiler) and hands everything to
 `run_loop`, which only steps the backend and calls the components at fixed points.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kfm.checkpoint import agree_on_checkpoint, resolve_checkpoint_arg, resume_candidates
-from kfm.checkpoint.stepdir import MANIFEST
 from kfm.config import Config, ConfigError
 from kfm.data import PackedLoader, validation_batches
 from kfm.data.verify import raise_verify_errors, verification_share, verify_shard_sets
@@ -48,8 +46,9 @@ from kfm.train.dist import (
 )
 from kfm.train.guard import BadStepsError
 from kfm.train.health import StragglerReport, Watchdog, apply_nccl_debug_env
+from kfm.train.lock import RunLock, RunLockedError
 from kfm.train.loggers import MetricLogger
-from kfm.train.resume import manifest_identity
+from kfm.train.resume import NothingToDo, manifest_identity, resume
 from kfm.train.rundir import prepare_run_dir
 from kfm.train.signals import StopRequest
 from kfm.train.status import write_status
@@ -127,6 +126,46 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any]:
+    run_dir = Path(cfg.train.run_root) / cfg.train.name
+    lock = take_run_lock(run_dir, world)  # before anything in the run dir changes
+    try:
+        return _train_locked(cfg, world, device, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def take_run_lock(run_dir: Path, world: WorldInfo) -> RunLock | None:
+    """Rank 0 takes the run's lock (`kfm.train.lock`); every rank learns the outcome, so all
+    fail together. Returns the lock on rank 0, None elsewhere.
+
+    Raises:
+        RunLockedError: another live process trains this run.
+        ConfigError: the run dir cannot be created or written (names train.run_root).
+    """
+    lock, problem = None, None
+    if world.rank == 0:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            problem = ("locked", str(e))
+        except OSError as e:
+            problem = (
+                "io",
+                f"cannot write the run directory {run_dir} ({e}); set --train.run_root to a "
+                "writable directory",
+            )
+    problem = broadcast_from_rank0(problem)
+    if problem is not None:
+        kind, message = problem
+        raise RunLockedError(message) if kind == "locked" else ConfigError(message)
+    return lock
+
+
+def _train_locked(
+    cfg: Config, world: WorldInfo, device: torch.device, lock: RunLock | None
+) -> dict[str, Any]:
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     run_dir = Path(cfg.train.run_root) / cfg.train.name
     backend = build_backend(cfg, world, device)
@@ -145,10 +184,14 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
         tok = check_tokenizer(cfg, loader)
         # Recorded in every checkpoint manifest: kfm eval/export check the tokenizer against it,
         # and a resume refuses shards whose content changed under the same path.
-        backend.manifest_extra.update(
-            manifest_identity(tokenizer_hash=loader.tokenizer_hash, sources=cfg.data.sources)
-        )
-        start_step, resumed_from = resume(cfg, backend, loader, world)
+        identity = manifest_identity(tokenizer_hash=loader.tokenizer_hash, sources=cfg.data.sources)
+        backend.manifest_extra.update(identity)
+        try:
+            resumed = resume(cfg, backend, loader, world, identity)
+        except NothingToDo as e:
+            ok = True
+            return {"run_dir": str(run_dir), "nothing_to_do": str(e)}
+        start_step = resumed.step
         # Only now that data, tokenizer and checkpoint agree with the config is it recorded: a
         # refused resume must not overwrite the run's config.yaml with the config refused.
         if world.rank == 0:
@@ -161,8 +204,10 @@ def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any
             start_step=start_step,
             enabled=world.rank == 0,
         )
-        if resumed_from is not None:
-            logger.info(f"resumed from {resumed_from} at step {start_step}")
+        if lock is not None and lock.took_over:
+            logger.info(lock.took_over)
+        for line in resumed.log_lines():
+            logger.info(line)
         logger.info(backend.describe())
         if verified:
             logger.info(verified)
@@ -272,50 +317,6 @@ def verify_data(cfg: Config, world: WorldInfo) -> str | None:
     raise_verify_errors(gather_to_all(errors))
     share = verification_share(cfg.data.sources, rank=world.rank, world_size=world.world_size)
     return f"data.verify=spread: {share.describe()}"
-
-
-def resume(
-    cfg: Config, backend: Backend, loader: PackedLoader, world: WorldInfo
-) -> tuple[int, Path | None]:
-    """Load the checkpoint ``checkpoint.resume`` names (auto: this run's newest valid one) into
-    the backend and the loader; returns (step, path) or (0, None) for a fresh start.
-
-    Rank 0 lists the candidates; every rank checks its share of their hashes
-    (`kfm.checkpoint.agree_on_checkpoint`), so no rank reads the whole checkpoint.
-    """
-    if cfg.checkpoint.resume == "never":
-        return 0, None
-    arg = cfg.checkpoint.resume
-    if arg == "auto":
-        root = Path(cfg.train.run_root) / cfg.train.name / "checkpoints"
-    elif (Path(arg) / MANIFEST).is_file() or Path(arg).name == "latest":
-        root = None  # one named step dir
-    else:  # a run dir or a checkpoints dir: its newest valid checkpoint
-        root = Path(arg) / "checkpoints" if (Path(arg) / "checkpoints").is_dir() else Path(arg)
-    if root is None:
-        candidates = [resolve_checkpoint_arg(arg)]
-    else:
-        candidates = broadcast_from_rank0(resume_candidates(root) if world.rank == 0 else None)
-    path = agree_on_checkpoint(candidates, verify_hashes=cfg.checkpoint.verify == "sha256")
-    if path is None:
-        if cfg.checkpoint.resume != "auto":
-            raise ConfigError(
-                f"checkpoint.resume={cfg.checkpoint.resume} is not a valid checkpoint (see the "
-                "warning above): pass another step dir or --checkpoint.resume=never"
-            )
-        return 0, None
-    state = backend.load(path)
-    loader.load_state_dict(state["loader"])  # RNG states were restored by the backend
-    saved_numpy = state.get("numpy_version")
-    if saved_numpy and saved_numpy != np.__version__:
-        # The sample order comes from numpy's default_rng, which numpy does not promise to keep
-        # across versions: the run continues, but the data order may differ.
-        warnings.warn(
-            f"{path} was saved with numpy {saved_numpy}, this is {np.__version__}: the data "
-            "order after resume may differ from an uninterrupted run",
-            stacklevel=1,
-        )
-    return int(state["step"]), path
 
 
 def resolve_device(name: str) -> torch.device:

@@ -41,7 +41,7 @@ from kfm.train.backends.fsdp import build_model
 from kfm.train.dist import WorldInfo, mean_over_ranks
 from kfm.train.guard import StepGuard
 from kfm.train.loss import cross_entropy_loss
-from kfm.train.optim import build_optimizer, build_scheduler
+from kfm.train.optim import apply_optim_config, build_optimizer, build_scheduler
 
 
 def model_states_file(zero_stage: int) -> str:
@@ -207,9 +207,10 @@ class DeepSpeedBackend:
         """Load model, optimizer and scheduler from a DeepSpeed checkpoint (already validated by
         the caller on every rank); return this rank's trainer state, RNG states restored.
 
+        The caller (`kfm.train.resume`) has compared the checkpoint's config with this one.
+
         Raises:
-            CheckpointError: a non-DeepSpeed checkpoint, a different model config, or a
-                different world size (ZeRO optimizer shards reload only on as many ranks as
+            CheckpointError: a non-DeepSpeed checkpoint, or a different world size (ZeRO optimizer shards reload only on as many ranks as
                 wrote them; convert with DeepSpeed's ds_to_universal.py to change it).
         """
         path = Path(path)
@@ -218,11 +219,6 @@ class DeepSpeedBackend:
             raise CheckpointError(
                 f"{path} was not written by the DeepSpeed backend: resume it with "
                 "--parallel.backend=fsdp"
-            )
-        if manifest["config"].get("model") != to_dict(self.cfg)["model"]:
-            raise CheckpointError(
-                f"checkpoint {path} was saved with a different model config: resume with the "
-                "matching config or start a new run (--checkpoint.resume=never)"
             )
         if manifest["world_size"] != self.world_size:
             raise CheckpointError(
@@ -238,6 +234,9 @@ class DeepSpeedBackend:
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint to load in {path}")
+        # The scheduler's optimizer is kfm's AdamW inside the engine (its param groups are the
+        # ones the update reads); the peak lr and hyperparameters become this config's.
+        apply_optim_config(self.scheduler.optimizer, self.scheduler, self.cfg.optim)
         state = read_trainer_state(path, self.rank, manifest["world_size"])
         if "rng" in state:
             restore_rng_state(state["rng"])

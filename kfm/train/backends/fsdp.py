@@ -39,7 +39,7 @@ from kfm.train.backends.base import BatchSource, DeviceTimer, StepOutput, accumu
 from kfm.train.dist import WorldInfo, mean_over_ranks
 from kfm.train.guard import StepGuard
 from kfm.train.loss import cross_entropy_loss
-from kfm.train.optim import build_optimizer, build_scheduler
+from kfm.train.optim import apply_optim_config, build_optimizer, build_scheduler
 
 
 def build_model(cfg: Config, device: torch.device) -> Transformer:
@@ -198,16 +198,15 @@ class FSDPBackend:
         )
 
     def load(self, path: Path) -> dict[str, Any]:
-        """Model, optimizer, schedule and RNG states from ``path`` (already validated by the
-        caller on every rank); returns the trainer state."""
+        """Model, optimizer, schedule and RNG states from ``path`` (already validated, and its
+        config compared with this one, by the caller on every rank: `kfm.train.resume`);
+        returns the trainer state. The peak lr and AdamW's hyperparameters are this config's
+        (`apply_optim_config`); the step count and moments are the checkpoint's."""
         state = load_checkpoint(
-            path,
-            model=self.model,
-            optimizer=self.optimizer,
-            config=to_dict(self.cfg),
-            verify_hashes=False,
+            path, model=self.model, optimizer=self.optimizer, verify_hashes=False
         )
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optim_config(self.optimizer, self.scheduler, self.cfg.optim)
         return state
 
     def wait(self) -> Path | None:
