@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kfm.checkpoint import read_manifest
+from kfm.checkpoint import CheckpointError, read_manifest
 from kfm.config import ConfigError, load_config
 from kfm.tokenizer import tokenizer_hash
 from kfm.train.backends.fsdp import FSDPBackend
@@ -155,6 +155,32 @@ def test_model_change_is_refused_naming_the_key(straight, tiny_sources, tmp_path
     assert "--checkpoint.force_resume=true" in message
     assert "optim" not in message  # only the refused keys
     assert not (tmp_path / "wider" / "config.yaml").exists()  # nothing recorded for a refusal
+
+    forced = (
+        f"--checkpoint.resume={ckpt}",
+        "--model.d_model=128",
+        "--checkpoint.force_resume=true",
+    )
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        run(tiny_sources, tmp_path, "wider", *forced)
+
+
+def test_forced_change_of_the_data_order_restarts_the_loader(
+    straight, tiny_sources, tmp_path, capsys
+) -> None:
+    ckpt = straight / "checkpoints" / f"step_{CKPT_AT:06d}"
+    with pytest.raises(ConfigError, match=r"data.seed: 1234 -> 7 \(cannot change mid-run"):
+        run(tiny_sources, tmp_path, "reseeded", f"--checkpoint.resume={ckpt}", "--data.seed=7")
+    summary = run(
+        tiny_sources,
+        tmp_path,
+        "reseeded",
+        f"--checkpoint.resume={ckpt}",
+        "--data.seed=7",
+        "--checkpoint.force_resume=true",
+    )
+    assert (summary["start_step"], summary["steps_done"]) == (CKPT_AT, STEPS)
+    assert "the data order restarts from its first sample" in capsys.readouterr().out
 
 
 def test_repacked_shards_are_refused_then_accepted_when_forced(
