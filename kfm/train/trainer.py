@@ -240,8 +240,11 @@ def _train_locked(
         except BaseException as e:
             if world.rank == 0:
                 # kfm's own errors (config, data, checkpoint, diverging loss) recur on a rerun;
-                # anything else (a lost peer, an I/O error) may not.
-                retry = not isinstance(e, ConfigError | BadStepsError | ValueError)
+                # anything else (a lost peer, an I/O error) may not. A user's second Ctrl-C
+                # (KeyboardInterrupt) means stop, not requeue.
+                retry = not isinstance(
+                    e, ConfigError | BadStepsError | ValueError | KeyboardInterrupt
+                )
                 write_status(
                     run_dir, "failed", step=progress.step, reason=repr(e)[:500], requeue=retry
                 )

@@ -108,7 +108,8 @@ def test_second_ctrl_c_exits_at_once_with_one_clean_line(tiny_sources, tmp_path)
     assert proc.returncode == 130
     assert "kfm train: interrupted (Ctrl-C)" in err
     assert "Traceback" not in err
-    assert read_status(tmp_path / "twice")["state"] == "failed"
+    status = read_status(tmp_path / "twice")
+    assert (status["state"], status["requeue"]) == ("failed", False)  # the user said stop
     assert not (tmp_path / "twice" / ".lock").exists()  # released on this exit path too
 
 
