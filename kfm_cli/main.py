@@ -352,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         "reserved specials) and report fertility for Korean and English. " + _OVERRIDES_HELP,
     )
     _add_config_args(tp, required=False)
-    tp.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer.path")
+    tp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace tokenizer.path if it holds a tokenizer kfm trained (never an input or any "
+        "other folder); the old one is removed once the new one is saved",
+    )
     tp.set_defaults(func=cmd_tokenizer, takes_overrides=True)
 
     p = sub.add_parser(
@@ -384,7 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per .bin file")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds a shard set kfm packed (never an input or any other "
+        "folder); the old set is removed once the new one is complete",
+    )
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser(
@@ -423,7 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if it holds an earlier kfm export (never a run, checkpoint or any "
+        "other folder); the old one is removed once the new one is written",
+    )
     p.add_argument(
         "--no-verify",
         dest="verify",
@@ -472,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete output_dir first (needed to rerun with a changed config)",
+        help="replace output_dir if it holds an earlier `kfm data run` output (needed to rerun "
+        "with a changed config): it is moved aside and removed once the new run completes",
     )
     dp.set_defaults(func=cmd_data_run, takes_overrides=True)
     dp = dsub.add_parser(

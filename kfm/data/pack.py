@@ -34,7 +34,7 @@ import numpy as np
 import kfm
 from kfm.data.readers import check_input, iter_documents
 from kfm.data.shards import FORMAT, VERSION, ShardWriter, token_dtype, write_manifest
-from kfm.fs import publish_dir
+from kfm.fs import check_output_dir, publish_dir
 from kfm.tokenizer import encode
 from kfm.tokenizer.core import load_tokenizer, tokenizer_file, tokenizer_hash
 
@@ -156,10 +156,12 @@ def pack(
         shard_tokens: soft maximum tokens per .bin file.
         workers: tokenizer processes (1 tokenizes in this process).
         batch_docs: documents per task sent to a worker.
-        overwrite: replace an existing `out_dir`.
+        overwrite: replace `out_dir` if it holds a shard set kfm packed (never anything else,
+            see ``kfm.fs.check_output_dir``); the old set is removed once the new one is complete.
 
     Raises:
-        FileExistsError: `out_dir` exists and `overwrite` is False.
+        OutputError: `out_dir` is not a new or empty directory, or a shard set with `overwrite`;
+            or it is, contains or lies inside an input, the tokenizer, a checkpoint or a run.
         InputNotFoundError / ReaderError: an input is missing or unreadable, or holds a bad
             record (file and line named; before any work for missing files).
         TokenizerNotFoundError: no tokenizer at `tokenizer_path`.
@@ -173,12 +175,12 @@ def pack(
         raise ValueError(f"workers={workers} must be >= 1 (--workers)")
     if batch_docs < 1:
         raise ValueError(f"batch_docs={batch_docs} must be >= 1")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     for path in inputs:  # a typo in the last input should fail now, not after hours of work
         check_input(path)
     tok_path = str(tokenizer_path)
+    out = check_output_dir(
+        out_dir, "shard set", inputs=[*inputs, tok_path], overwrite=overwrite, flag="--out"
+    )
     tok_hash = tokenizer_hash(tok_path)
     tok = load_tokenizer(tok_path)
     tok_dir = str(tokenizer_file(tok_path).parent)

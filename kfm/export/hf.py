@@ -21,6 +21,7 @@ Name mapping (``{i}`` is the layer index)::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -38,8 +39,9 @@ from transformers import (
     Qwen3Config,
 )
 
+import kfm
 from kfm.config import ModelConfig
-from kfm.fs import publish_dir
+from kfm.fs import EXPORT_FORMAT, EXPORT_MARKER, check_output_dir, publish_dir
 from kfm.model import ffn_hidden_dim
 
 # Prefixes that torch wrappers add to state-dict keys (torch.compile, activation checkpointing,
@@ -208,14 +210,18 @@ def from_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, 
     return _remap(state, pairs, cfg, src_kind="Hugging Face")
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"export output {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(
-            f"export output {out} already exists and is not empty; pass overwrite=True "
-            "(--overwrite) to replace it, or choose another directory"
-        )
+def _marker(source: str | Path | None, tokenizer_dir: str | Path | None, dtype: torch.dtype) -> str:
+    """kfm_export.json: what made this folder, so a later --overwrite can recognise it as kfm's
+    own export (transformers ignores the file)."""
+    marker = {
+        "format": EXPORT_FORMAT,
+        "version": 1,
+        "created_by": f"kfm {kfm.__version__}",
+        "source": None if source is None else str(source),
+        "tokenizer": None if tokenizer_dir is None else str(tokenizer_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    return json.dumps(marker, indent=2) + "\n"
 
 
 def _load_tokenizer(tokenizer_dir: Path, vocab_size: int) -> transformers.PreTrainedTokenizerBase:
@@ -297,21 +303,26 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     extra_readme: str | None = None,
+    source: str | Path | None = None,
 ) -> Path:
     """Write a transformers model directory for the kfm weights ``state`` of model ``cfg``.
 
     The directory holds model.safetensors, config.json, generation_config.json (greedy; bos/eos/pad
-    ids from the tokenizer), the tokenizer files (when ``tokenizer_dir`` is given) and a README.md
-    model card stub with ``extra_readme`` appended. Everything is written into
-    ``OUT.tmp-<pid>`` and renamed to ``out_dir`` at the end, so a crash never leaves a half-written
-    export under the final name. Weights are cast to ``dtype``.
+    ids from the tokenizer), the tokenizer files (when ``tokenizer_dir`` is given), a README.md
+    model card stub with ``extra_readme`` appended, and ``kfm_export.json`` (kfm version, the
+    ``source`` checkpoint, tokenizer and dtype) by which a later ``overwrite`` recognises the
+    folder. Everything is written into ``OUT.tmp-<pid>`` and renamed to ``out_dir`` at the end,
+    so a crash never leaves a half-written export under the final name and an old export is
+    removed only once the new one is complete. Weights are cast to ``dtype``.
 
-    Returns the output path. Raises ``ExportError`` when out_dir is non-empty and not
-    ``overwrite``, the tokenizer directory is missing or holds more tokens than
-    ``cfg.vocab_size``, or the state dict's keys or shapes do not match ``cfg``.
+    Returns the output path. Raises ``OutputError`` (``kfm.fs``) when out_dir is not new or empty
+    and not a kfm export with ``overwrite``, or is, contains or lies inside ``source``, the
+    tokenizer, a checkpoint or a run directory (``kfm.fs.check_output_dir``); ``ExportError``
+    when the tokenizer directory is missing or holds more tokens than ``cfg.vocab_size``, or the
+    state dict's keys or shapes do not match ``cfg``.
     """
-    out = Path(out_dir)
-    _check_out_dir(out, overwrite)
+    inputs = [p for p in (source, tokenizer_dir) if p is not None]
+    out = check_output_dir(out_dir, "export", inputs=inputs, overwrite=overwrite, flag="OUT_DIR")
     if not dtype.is_floating_point:
         raise ExportError(f"export dtype must be a floating point dtype, got {dtype}")
 
@@ -360,11 +371,12 @@ def export_hf(
         (tmp / "README.md").write_text(
             _model_card(cfg, model, dtype, extra_readme), encoding="utf-8"
         )
-        publish_dir(tmp, out, overwrite=True)  # the overwrite check was made up front
+        (tmp / EXPORT_MARKER).write_text(_marker(source, tokenizer_dir, dtype), encoding="utf-8")
+        publish_dir(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return Path(out_dir)
 
 
 def _check_shapes(hf_state: dict[str, Tensor], expected: dict[str, Tensor]) -> None:

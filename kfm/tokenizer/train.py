@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kfm.fs import publish_dir
+from kfm.fs import check_output_dir, publish_dir
 from kfm.tokenizer.core import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -98,6 +98,7 @@ def train_tokenizer(
     heldout_texts: Sequence[str] = (),
     metadata: dict | None = None,
     overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
     """Train a byte-level BPE tokenizer on `texts` and save it to `out_dir` atomically.
 
@@ -114,15 +115,17 @@ def train_tokenizer(
         heldout_texts: documents not in `texts` to measure fertility on, per language. Read only
             after training, so a list still being filled while `texts` is consumed is fine.
         metadata: extra fields merged into kfm_tokenizer.json.
-        overwrite: replace an existing `out_dir`.
+        overwrite: replace `out_dir` if it holds a tokenizer kfm trained (never anything else, see
+            ``kfm.fs.check_output_dir``); the old one is removed once the new one is saved.
+        inputs: the files `texts` come from: `out_dir` must not be, contain or lie inside one.
 
     Raises:
-        FileExistsError: `out_dir` exists and `overwrite` is False.
+        OutputError: `out_dir` is not a new or empty directory, or a kfm tokenizer with
+            `overwrite`; or it is, contains or lies inside an input, a checkpoint or a run.
         ValueError: vocab_size too small for the special tokens plus the 256 bytes, or no text.
     """
     from transformers import PreTrainedTokenizerFast
 
-    out = Path(out_dir)
     n_special = len(special_tokens(n_reserved))
     if n_reserved < 0:
         raise ValueError(f"n_reserved={n_reserved} must be >= 0 (--tokenizer.n_reserved)")
@@ -132,8 +135,9 @@ def train_tokenizer(
             f"{N_BYTES} bytes need at least {n_special + N_BYTES + 1} "
             "(raise --tokenizer.vocab_size or lower --tokenizer.n_reserved)"
         )
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite)")
+    out = check_output_dir(
+        out_dir, "tokenizer", inputs=inputs, overwrite=overwrite, flag="--tokenizer.path"
+    )
 
     n_chars = n_docs = 0
 
@@ -209,7 +213,7 @@ def train_tokenizer(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return Path(out_dir)
 
 
 def train_from_files(
@@ -236,7 +240,7 @@ def train_from_files(
 
     Raises:
         InputNotFoundError / ReaderError: an input is missing or unreadable.
-        FileExistsError: `out_dir` exists and `overwrite` is False.
+        OutputError: see train_tokenizer (checked before training).
         ValueError: see train_tokenizer.
     """
     from kfm.data.readers import check_input, iter_documents
@@ -280,6 +284,7 @@ def train_from_files(
         heldout_texts=heldout,
         metadata={"inputs": list(inputs), "text_field": text_field, "max_chars": max_chars},
         overwrite=overwrite,
+        inputs=inputs,
     )
     report = json.loads((out / METADATA_FILE).read_text(encoding="utf-8"))
     report["path"] = str(out)

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from kfm.data.pack import pack
 from kfm.data.readers import ReaderError
 from kfm.data.shards import ShardSet
+from kfm.fs import OutputError
 from kfm.tokenizer import train_tokenizer
 
 SAMPLE = Path(__file__).parents[2] / "data" / "sample"
@@ -124,7 +125,7 @@ def test_round_trip_and_split(tok_dir, corpus, packed) -> None:
 def test_refuses_existing_out_dir(tmp_path, tok_dir, corpus, packed) -> None:
     out, _ = packed
     before = (out / "manifest.json").read_bytes()
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputError, match="already holds a kfm shard set; pass --overwrite"):
         pack(corpus[0], tok_dir, out, source_name="mix")
     assert (out / "manifest.json").read_bytes() == before
     again = tmp_path / "again"

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kfm.config import ModelConfig
 from kfm.export import ExportError, export_hf, from_hf_state_dict, hf_config, to_hf_state_dict
+from kfm.fs import OutputError
 from kfm.model import Transformer
 
 ATOL = 1e-4
@@ -243,16 +244,30 @@ def test_existing_output_needs_overwrite(tmp_path: Path, tokenizer_dir: Path) ->
     cfg = tiny_cfg(qk_norm=False, tie=True)
     state = random_model(cfg).state_dict()
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old export")
-    with pytest.raises(ExportError, match="already exists and is not empty.*overwrite=True"):
-        export_hf(state, cfg, out, tokenizer_dir=tokenizer_dir)
-    assert (out / "stale.txt").read_text() == "old export"
+    export_hf(state, cfg, out, tokenizer_dir=tokenizer_dir, source="runs/x/checkpoints/step_1")
+    marker = json.loads((out / "kfm_export.json").read_text())
+    assert marker["format"] == "kfm-export" and marker["source"] == "runs/x/checkpoints/step_1"
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(OutputError, match="already holds a kfm export; pass --overwrite"):
+        export_hf(random_model(cfg).state_dict(), cfg, out, tokenizer_dir=tokenizer_dir)
+    assert (out / "model.safetensors").read_bytes() == before
 
-    export_hf(state, cfg, out, tokenizer_dir=tokenizer_dir, overwrite=True)
-    assert not (out / "stale.txt").exists()
-    assert (out / "model.safetensors").is_file()
+    new = random_model(cfg, seed=1).state_dict()
+    export_hf(new, cfg, out, tokenizer_dir=tokenizer_dir, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "tmp/backup dirs left behind"
+
+
+def test_overwrite_refuses_a_folder_kfm_did_not_export(tmp_path: Path, tokenizer_dir: Path) -> None:
+    cfg = tiny_cfg(qk_norm=False, tie=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("not an export")
+    with pytest.raises(OutputError, match=r"out exists and is not an export made by kfm"):
+        export_hf(
+            random_model(cfg).state_dict(), cfg, out, tokenizer_dir=tokenizer_dir, overwrite=True
+        )
+    assert (out / "stale.txt").read_text() == "not an export"
 
 
 def test_empty_output_dir_is_reused(tmp_path: Path) -> None:

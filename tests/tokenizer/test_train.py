@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kfm.fs import OutputError
 from kfm.tokenizer import lang_of, load_tokenizer, train_from_files, train_tokenizer
 
 from .conftest import sample_docs
@@ -45,7 +46,7 @@ def test_existing_dir_needs_overwrite(tmp_path: Path) -> None:
     texts = _small_texts()
     out = train_tokenizer(texts, tmp_path / "t", vocab_size=500, n_reserved=0)
     before = (out / "tokenizer.json").read_bytes()
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(OutputError, match="already holds a kfm tokenizer; pass --overwrite"):
         train_tokenizer(texts, out, vocab_size=600, n_reserved=0)
     assert (out / "tokenizer.json").read_bytes() == before
     train_tokenizer(texts, out, vocab_size=600, n_reserved=0, overwrite=True)
