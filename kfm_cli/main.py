@@ -209,10 +209,14 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     result = evaluate_checkpoint(
         args.checkpoint, batches=args.batches, data=args.data, tokenizer=args.tokenizer
     )
+    note = result["tokenizer_check"]
+    print(note, file=sys.stderr if note.startswith("warning") else sys.stdout)
     print(
         f"checkpoint {result['checkpoint']}: validation loss {result['val_loss']:.4f} nats/token, "
         f"{result['val_bpb']:.4f} bits/byte over {result['val_tokens']:,} tokens"
     )
+    again = " (replaced the earlier result of the same settings)" if result["replaced"] else ""
+    print(f"result: {result['result_file']}{again}")
     return 0
 
 
@@ -220,24 +224,39 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from kfm.checkpoint import load_model_state, resolve_checkpoint_arg
+    from kfm.checkpoint.stepdir import read_manifest
     from kfm.config import config_from_dict
     from kfm.export.hf import export_hf
     from kfm.export.verify import export_logits_diff
+    from kfm.tokenizer.identity import check_tokenizer_identity, describe
 
     path = resolve_checkpoint_arg(args.checkpoint)
-    state, config = load_model_state(path)
-    cfg = config_from_dict(config, source=f"{path}/manifest.json")
+    cfg = config_from_dict(read_manifest(path).get("config", {}), source=f"{path}/manifest.json")
+    tokenizer = args.tokenizer or cfg.tokenizer.path
+    # Before the weights are read or anything is written: the tokenizer shipped with the model
+    # must be the one it was trained with (the logits check below cannot see a wrong one).
+    check = check_tokenizer_identity(
+        tokenizer, checkpoint=path, config=cfg, tokenizer_given=args.tokenizer is not None
+    )
+    state, _ = load_model_state(path)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out = export_hf(
         state,
         cfg.model,
         args.out_dir,
-        tokenizer_dir=args.tokenizer or cfg.tokenizer.path,
+        tokenizer_dir=tokenizer,
         dtype=dtype,
         overwrite=args.overwrite,
     )
     print(f"exported {path} -> {out}")
-    if args.verify:
+    note = describe(check, tokenizer)
+    if check.unchecked is not None:
+        print(f"export check: {note}", file=sys.stderr)
+    else:
+        print(f"export check: {note}: ok")
+    if not args.verify:
+        print("export check: logits not compared with kfm's (--no-verify)")
+    else:
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, min(64, cfg.data.seq_len)), generator=g)
         diff = export_logits_diff(state, cfg.model, out, tokens)
@@ -400,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="validation loss and bits per byte of a checkpoint",
-        description="Evaluate a checkpoint (step dir, checkpoints dir or run dir).",
+        description="Evaluate a checkpoint (step dir, checkpoints dir or run dir). The tokenizer "
+        "and the shards must be the ones the checkpoint was trained with (checked first). The "
+        "result goes to RUN/eval/step_N.json for the run's own settings, step_N-<hash>.json for "
+        "other --data/--batches; an earlier result of other settings is never replaced.",
     )
     p.add_argument(
         "checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)"
@@ -412,10 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         nargs="+",
         default=None,
-        help="shard sets to evaluate instead of the run's sources",
+        help="shard sets to evaluate instead of the run's sources (packed with its tokenizer)",
     )
     p.add_argument(
-        "--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path"
+        "--tokenizer",
+        default=None,
+        help="tokenizer dir instead of the run's tokenizer.path (must be the same tokenizer, "
+        "e.g. a copy)",
     )
     p.set_defaults(func=cmd_eval)
 
@@ -423,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a Hugging Face model folder from a checkpoint",
         description="Export a checkpoint to a transformers folder (safetensors, config, "
-        "generation config, tokenizer) and check logits against kfm.",
+        "generation config, tokenizer) and check logits against kfm. The tokenizer must be the "
+        "one the checkpoint was trained with (checked before anything is written).",
     )
     p.add_argument(
         "checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)"
@@ -431,7 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype to save")
     p.add_argument(
-        "--tokenizer", default=None, help="tokenizer dir instead of the run's tokenizer.path"
+        "--tokenizer",
+        default=None,
+        help="tokenizer dir instead of the run's tokenizer.path (must be the same tokenizer, "
+        "e.g. a copy)",
     )
     p.add_argument(
         "--overwrite",
