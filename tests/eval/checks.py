@@ -70,3 +70,17 @@ def files_under(root: Path) -> dict[str, bytes]:
     if not root.exists():
         return {}
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def larger_tokenizer(dst: Path, extra: int = 1) -> Path:
+    """The test tokenizer with ``extra`` more special tokens: one id past model.vocab_size."""
+    shutil.copytree(TOKENIZER, dst)
+    path = dst / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    next_id = max(t["id"] for t in data["added_tokens"]) + 1
+    next_id = max(next_id, max(data["model"]["vocab"].values()) + 1)
+    for i in range(extra):
+        token = dict(data["added_tokens"][-1], id=next_id + i, content=f"<|extra_{i}|>")
+        data["added_tokens"].append(token)
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return dst

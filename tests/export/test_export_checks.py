@@ -17,6 +17,7 @@ from kfm_cli import main
 from tests.eval.checks import (
     STEP,
     copied_tokenizer,
+    larger_tokenizer,
     swapped_tokenizer,
     tiny_run,
     unrecorded_copy,
@@ -89,3 +90,13 @@ def test_unrecorded_checkpoint_exports_with_a_warning(
     code, _, err = export_cli(capsys, str(step), str(tmp_path / "hf2"), "--tokenizer", str(other))
     assert code == 1 and "is not the tokenizer this checkpoint was trained with" in err
     assert "shards" in err and not (tmp_path / "hf2").exists()
+
+
+def test_tokenizer_larger_than_the_model_is_refused(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """With no hash to compare (old checkpoint, shard sets gone) the size still tells."""
+    step = unrecorded_copy(run_dir, tmp_path / "old", sources_gone=True)
+    big = larger_tokenizer(tmp_path / "big_tok")
+    code, out, err = export_cli(capsys, str(step), str(tmp_path / "hf"), "--tokenizer", str(big))
+    assert code == 1 and "exported" not in out
+    assert f"--tokenizer {big} has 1025 tokens but this checkpoint's model.vocab_size=1024" in err
+    assert not (tmp_path / "hf").exists()
