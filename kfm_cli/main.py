@@ -108,10 +108,10 @@ def _dry_run(cfg, *, world_size: int | None) -> int:
             "micro-batches per step (1 process); add --world-size N to plan a distributed run"
         )
     else:
-        from kfm.parallel.plan import plan_report
+        from kfm.plan.report import dry_run_report
 
         print(f"--- plan for world size {world_size}")
-        print(plan_report(cfg, world_size))
+        print(dry_run_report(cfg, world_size))
     return _preflight(cfg)
 
 
@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, required=True)
     p.set_defaults(func=cmd_train, takes_overrides=True)
+    from kfm_cli.plan import add_parser as add_plan_parser  # kfm plan (kfm_cli/plan.py)
+
+    add_plan_parser(sub)
 
     p = sub.add_parser(
         "doctor",

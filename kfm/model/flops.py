@@ -6,18 +6,7 @@ import torch
 
 from kfm.config import ModelConfig
 from kfm.model.transformer import ffn_hidden_dim
-
-# Peak dense (no 2:4 sparsity) FLOP/s per GPU from NVIDIA's datasheets: bf16 and fp8 on tensor
-# cores, plain fp32 (not TF32). B200: HGX B200 datasheet (dense = half the sparse figures: 2.25
-# PFLOP/s bf16, 4.5 PFLOP/s fp8); H100 SXM / PCIe: H100 datasheet; A100 has no fp8. Matched by
-# substring of torch.cuda.get_device_name, first match wins, so the PCIe H100 (lower clocks) is
-# listed before the SXM entry.
-_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    ("B200", {"bf16": 2250e12, "fp8": 4500e12, "fp32": 80e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp8": 1513e12, "fp32": 51.2e12}),
-    ("H100", {"bf16": 989.4e12, "fp8": 1978.9e12, "fp32": 66.9e12}),
-    ("A100", {"bf16": 312e12, "fp32": 19.5e12}),
-]
+from kfm.plan.hardware import gpu_for_device_name
 
 CPU_NOMINAL_TFLOPS = 1.0
 """A nominal peak for one CPU process, so MFU shows (and can be tested) on CPU runs. It is a
@@ -49,8 +38,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def peak_flops(device: torch.device, dtype: str) -> float | None:
     """Peak dense FLOP/s of one device for compute dtype "bf16", "fp8" or "fp32".
 
-    CUDA devices come from the datasheet table (None for an unknown GPU, or fp8 on a GPU without
-    it); a CPU gets `CPU_NOMINAL_TFLOPS`. ``train.peak_tflops`` overrides both (the caller's job).
+    CUDA devices come from the datasheet table `kfm.plan.hardware.GPUS`, which the capacity
+    planner also uses (None for an unknown GPU, or fp8 on a GPU without it); a CPU gets
+    `CPU_NOMINAL_TFLOPS`. ``train.peak_tflops`` overrides both (the caller's job).
 
     Raises:
         ValueError: another dtype name.
@@ -59,8 +49,5 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
         raise ValueError(f"peak_flops dtype must be 'bf16', 'fp8' or 'fp32', got {dtype!r}")
     if device.type != "cuda":
         return CPU_NOMINAL_TFLOPS * 1e12
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in _PEAK_FLOPS:
-        if key in name:
-            return peaks.get(dtype)
-    return None
+    gpu = gpu_for_device_name(torch.cuda.get_device_name(device))
+    return gpu.peak_flops.get(dtype) if gpu else None

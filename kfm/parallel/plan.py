@@ -1,19 +1,19 @@
 """Dry run at full scale: mesh, sharding plan and per-rank memory for N ranks, in one CPU process.
 
-`plan_report(cfg, world_size)` (behind ``kfm train CONFIG --dry-run --world-size 256``):
+`build_plan(cfg, world_size)` (behind ``kfm train CONFIG --dry-run --world-size 256`` and
+``kfm plan``, which add the step-time prediction of `kfm.plan.model`):
 
 1. starts torch's "fake" process-group backend (every collective is a no-op) as rank 0 of
    ``world_size``, builds the real ("dp_replicate", "dp_shard", "tp") mesh on it, builds the model
    on the meta device (shapes only, no memory) and runs the real `parallelize` (TP plan, then
    FSDP2/HSDP) on it, so each parameter's DTensor placements and rank-0 local shape are the ones
    a real run gets. fp8, activation checkpointing and compile are left out of that call: they do
-   not change parameter placements. Activation checkpointing's memory effect is in the
-   estimate; fp8's is not (its scales and fp8 weight copies are not counted; with fp8
-   all-gather a note says the gathered weights take half the bf16 figure). If a process group
-   already exists in this process, the same plan is derived analytically instead, and the report
-   says so.
+   not change parameter placements (their memory effects are in the estimate). If a process
+   group already exists in this process, the same plan is derived analytically instead, and the
+   report says so.
 2. estimates rank-0 memory (rank 0 holds the largest FSDP shard: FSDP2 pads dim 0 up to a multiple
-   of dp_shard) from those shards and the activation formula in `activation_bytes_per_token`.
+   of dp_shard) from those shards and the activation formula in `activation_bytes_per_token`,
+   against the usable HBM of the GPU (`kfm.plan.hardware`; B200 unless told otherwise).
 
 Nothing here touches a GPU: tensors live on "meta", the mesh on "cpu" with the fake backend.
 """
@@ -32,24 +32,15 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from kfm.config import Config, ConfigError
-from kfm.model.flops import flops_per_token
 from kfm.model.transformer import Transformer, ffn_hidden_dim
 from kfm.parallel.mesh import MESH_DIMS, build_mesh, mesh_shape
+from kfm.plan.hardware import GIB, GPU, GPUS, USABLE_FRACTION
 
-GIB = 1024**3
-HBM_GIB = 179.0
-"""B200 in HGX/DGX B200 systems: 180 GB marketed ("1,440 GB" per 8-GPU node), ~179 GiB reported
-by nvidia-smi / torch.cuda.mem_get_info; the die's 8 HBM3e stacks hold 192 GB, the rest is not
-exposed."""
-USABLE_FRACTION = 0.9
-"""Budget for the estimate: the rest covers the CUDA context, NCCL and cuBLAS workspaces and
-caching-allocator fragmentation, none of which the formulas count."""
-ASSUMED_MFU = 0.40
-"""Model FLOPs utilisation assumed for the step-time line only (a typical dense bf16 figure)."""
-B200_BF16_FLOPS = 2250e12
-"""Dense bf16 peak of one HGX B200 GPU (kfm.model.flops keeps the same figure)."""
+DEFAULT_GPU = "b200"
+"""The GPU a plan is checked against when none is named (the 32 x 8 B200 allocation)."""
 
 BLOCK_PREFIX = re.compile(r"^layers\.\d+\.")
+BLOCK_INDEX = re.compile(r"^layers\.(\d+)\.")
 
 
 @dataclass(slots=True)
@@ -80,17 +71,31 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     gathered: int
+    """FSDP all-gather output (the unsharded params of the live units) and the unsharded
+    gradients waiting for their reduce-scatter: FSDP's communication buffers."""
     activations: int
     activations_no_ac: int
     activations_full_ac: int
+    fp8: int
+    """fp8 weight copies of the live units (torchao casts each weight once per micro-batch);
+    0 without parallel.fp8."""
+    tp_buffers: int
+    """Sequence-parallel all-gather outputs of the live block (full-sequence activations);
+    0 without tensor parallelism."""
+    budget: int
+    """Usable bytes: `USABLE_FRACTION` of the GPU's HBM."""
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations
-
-    @property
-    def budget(self) -> int:
-        return int(HBM_GIB * USABLE_FRACTION * GIB)
+        return (
+            self.params
+            + self.grads
+            + self.optimizer
+            + self.gathered
+            + self.activations
+            + self.fp8
+            + self.tp_buffers
+        )
 
     @property
     def fits(self) -> bool:
@@ -111,6 +116,7 @@ class Plan:
     micro_batch_tokens: int
     tokens_per_step: int
     memory: MemoryEstimate
+    gpu: GPU
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -189,15 +195,27 @@ _TP_DIM = {
 }
 
 
-def _shards_analytic(cfg: Config, mesh: tuple[int, int, int]) -> list[ParamShard]:
-    """The same plan without a process group: TP splits per `_TP_DIM`, then FSDP2 splits dim 0
-    into dp_shard chunks of ceil(size / dp_shard) rows (rank 0 gets a full chunk)."""
-    _, shard, tp = mesh
+def param_specs(cfg: Config) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(fqn, module type, shape) of every parameter, once per tensor, from a meta model."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
+    return [
+        (fqn, type(module).__name__, tuple(p.shape)) for fqn, module, p in _unique_params(model)
+    ]
+
+
+def _shards_analytic(
+    cfg: Config,
+    mesh: tuple[int, int, int],
+    specs: list[tuple[str, str, tuple[int, ...]]] | None = None,
+) -> list[ParamShard]:
+    """The same plan without a process group: TP splits per `_TP_DIM`, then FSDP2 splits dim 0
+    into dp_shard chunks of ceil(size / dp_shard) rows (rank 0 gets a full chunk). `specs`
+    (`param_specs(cfg)`) saves rebuilding the meta model when planning many meshes."""
+    _, shard, tp = mesh
     shards = []
-    for fqn, module, param in _unique_params(model):
-        local = list(param.shape)
+    for fqn, module_type, shape in specs if specs is not None else param_specs(cfg):
+        local = list(shape)
         placements = []
         tp_dim = _TP_DIM.get(BLOCK_PREFIX.sub("", fqn)) if tp > 1 else None
         if tp_dim is not None:
@@ -210,8 +228,8 @@ def _shards_analytic(cfg: Config, mesh: tuple[int, int, int]) -> list[ParamShard
         shards.append(
             ParamShard(
                 fqn=fqn,
-                module_type=type(module).__name__,
-                global_shape=tuple(param.shape),
+                module_type=module_type,
+                global_shape=shape,
                 local_shape=tuple(local),
                 placements=", ".join(placements) or "replicated",
             )
@@ -276,7 +294,7 @@ def activation_bytes_per_token(cfg: Config, *, tp: int, ac: str | None = None) -
     return blocks + recompute + block + head
 
 
-def _batch(cfg: Config, mesh: tuple[int, int, int]) -> tuple[int, int]:
+def batch_split(cfg: Config, mesh: tuple[int, int, int]) -> tuple[int, int]:
     """(gradient accumulation steps, tokens per micro-batch per rank)."""
     dp = mesh[0] * mesh[1]  # tp ranks of one dp coordinate read the same batch
     t = cfg.train
@@ -290,32 +308,45 @@ def _batch(cfg: Config, mesh: tuple[int, int, int]) -> tuple[int, int]:
     return t.global_batch_size // (t.micro_batch_size * dp), t.micro_batch_size * cfg.data.seq_len
 
 
-def _memory(cfg: Config, mesh: tuple[int, int, int], params: list[ParamShard]) -> MemoryEstimate:
+def estimate_memory(
+    cfg: Config, mesh: tuple[int, int, int], params: list[ParamShard], *, gpu: GPU
+) -> MemoryEstimate:
+    """Rank-0 memory of a training step for `params` (rank-0 shards) on `mesh`, against `gpu`.
+
+    Raises:
+        ConfigError: see `batch_split`.
+    """
     _, shard, tp = mesh
     local = sum(p.local_numel for p in params)
     # The gathered (unsharded-over-dp) size of a parameter on this rank is its tp-local size.
-    gathered_numel = {p.fqn: p.local_numel * (shard if shard > 1 else 1) for p in params}
-    per_block = [
-        sum(v for k, v in gathered_numel.items() if k.startswith(f"layers.{i}."))
-        for i in range(cfg.model.n_layers)
-    ]
-    root = sum(v for k, v in gathered_numel.items() if not k.startswith("layers."))
+    per_block = [0] * cfg.model.n_layers
+    root = 0
+    for p in params:
+        numel = p.local_numel * (shard if shard > 1 else 1)
+        if block := BLOCK_INDEX.match(p.fqn):
+            per_block[int(block.group(1))] += numel
+        else:
+            root += numel
     compute_bytes = 2 if cfg.train.dtype == "bf16" else 4
     reduce_bytes = 4 if cfg.parallel.reduce_dtype == "fp32" else 2
-    if shard == 1:
-        gathered = 0  # nothing is sharded over dp: the stored params are the compute params
-    elif cfg.parallel.reshard_after_forward:
-        # Root unit (embedding, final norm, output) stays gathered through the step; blocks are
-        # gathered one at a time plus one prefetched; each gathered unit's gradient exists
-        # unsharded (in reduce_dtype) until its reduce-scatter.
-        live = root + 2 * max(per_block, default=0)
-        gathered = live * (compute_bytes + reduce_bytes)
-    else:
-        # Gathered in forward and kept until backward: every block at once.
-        gathered = (root + sum(per_block)) * compute_bytes + (
-            root + 2 * max(per_block, default=0)
-        ) * reduce_bytes
-    _, micro_tokens = _batch(cfg, mesh)
+    live = root + 2 * max(per_block, default=0)
+    # Root unit (embedding, final norm, output) stays gathered through the step; with
+    # reshard_after_forward blocks are gathered one at a time plus one prefetched, without it
+    # every block stays gathered from forward to backward. Each gathered unit's gradient exists
+    # unsharded (in reduce_dtype) until its reduce-scatter: the live units' worth.
+    held = live if cfg.parallel.reshard_after_forward else root + sum(per_block)
+    fp8_gather = cfg.parallel.fp8 != "none" and cfg.parallel.fp8_all_gather
+    # fp8 all-gather moves (and holds) 1-byte weights instead of compute-dtype ones
+    param_bytes = 1 if fp8_gather else compute_bytes
+    # shard == 1: nothing is sharded over dp, the stored params are the compute params
+    gathered = 0 if shard == 1 else held * param_bytes + live * reduce_bytes
+    # torchao casts each live weight to fp8 once per micro-batch (already fp8 if all-gathered so)
+    fp8 = live if cfg.parallel.fp8 != "none" and not (fp8_gather and shard > 1) else 0
+    _, micro_tokens = batch_split(cfg, mesh)
+    tp_buffers = 0
+    if tp > 1:
+        # two full-sequence (all-gathered) inputs per block live at once: attention's and the MLP's
+        tp_buffers = 2 * micro_tokens * cfg.model.d_model * compute_bytes
 
     def acts(ac: str) -> int:
         return int(activation_bytes_per_token(cfg, tp=tp, ac=ac) * micro_tokens)
@@ -328,11 +359,20 @@ def _memory(cfg: Config, mesh: tuple[int, int, int], params: list[ParamShard]) -
         activations=acts(cfg.parallel.ac),
         activations_no_ac=acts("none"),
         activations_full_ac=acts("full"),
+        fp8=fp8,
+        tp_buffers=tp_buffers,
+        budget=int(gpu.hbm_bytes * USABLE_FRACTION),
     )
 
 
-def build_plan(cfg: Config, world_size: int) -> Plan:
+def build_plan(
+    cfg: Config, world_size: int, *, gpu: GPU | None = None, analytic: bool = False
+) -> Plan:
     """Mesh, per-parameter rank-0 shards and the memory estimate for `world_size` ranks.
+
+    `gpu` (default `DEFAULT_GPU`) sets the memory budget. `analytic=True` skips the fake process
+    group (the layout search builds hundreds of plans; the two paths give equal shards, which
+    tests/parallel/test_plan.py checks).
 
     Raises:
         ConfigError: a mesh that does not multiply to world_size (names the --parallel.* flags),
@@ -345,17 +385,16 @@ def build_plan(cfg: Config, world_size: int) -> Plan:
             "parallel.backend=deepspeed: this plan shows kfm's FSDP2 layout for the same mesh; "
             "DeepSpeed's ZeRO partitioning is in its generated ds_config"
         )
-    if dist.is_available() and not dist.is_initialized():
+    gpu = gpu or GPUS[DEFAULT_GPU]
+    if not analytic and dist.is_available() and not dist.is_initialized():
         params = _shards_from_fake_pg(cfg, world_size)
         method = "fake process group (real parallelize() on meta tensors)"
     else:
         params = _shards_analytic(cfg, mesh)
         method = "analytic (a process group already exists in this process)"
-    accum, micro_tokens = _batch(cfg, mesh)
+    accum, micro_tokens = batch_split(cfg, mesh)
     if cfg.model.tie_embeddings:
         notes.append("output.weight is tok_embeddings.weight (tied): one tensor, listed once")
-    if cfg.parallel.fp8_all_gather:
-        notes.append("fp8 all-gather: gathered fp8 weights take half the bf16 figure below")
     return Plan(
         world_size=world_size,
         mesh=mesh,
@@ -364,7 +403,8 @@ def build_plan(cfg: Config, world_size: int) -> Plan:
         grad_accum=accum,
         micro_batch_tokens=micro_tokens,
         tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_len,
-        memory=_memory(cfg, mesh, params),
+        memory=estimate_memory(cfg, mesh, params, gpu=gpu),
+        gpu=gpu,
         notes=notes,
     )
 
@@ -389,12 +429,10 @@ def _placement_table(params: list[ParamShard]) -> list[str]:
     return lines
 
 
-def format_plan(cfg: Config, plan: Plan) -> str:
-    """The human-readable report of `plan`."""
+def format_plan(cfg: Config, plan: Plan, *, timing: list[str] | None = None) -> str:
+    """The human-readable report of `plan`; `timing` lines (the step-time prediction of
+    `kfm.plan.model`, which this module cannot import) go after the batch lines."""
     r, s, t = plan.mesh
-    mem = plan.memory
-    step_flops = flops_per_token(cfg.model, cfg.data.seq_len) * plan.tokens_per_step
-    step_s = step_flops / (plan.world_size * B200_BF16_FLOPS * ASSUMED_MFU)
     ac = cfg.parallel.ac + (
         f" (every {cfg.parallel.ac_every})" if cfg.parallel.ac == "selective" else ""
     )
@@ -412,39 +450,38 @@ def format_plan(cfg: Config, plan: Plan) -> str:
         f"  {cfg.train.global_batch_size} sequences x {cfg.data.seq_len} tokens = "
         f"{plan.tokens_per_step:,} tokens/step; micro-batch {cfg.train.micro_batch_size} seq "
         f"({plan.micro_batch_tokens:,} tokens) per rank, grad accumulation {plan.grad_accum}",
-        f"  at an assumed {ASSUMED_MFU:.0%} MFU of {B200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 per "
-        f"B200: ~{step_s:.2f} s/step, ~{plan.tokens_per_step / step_s / 1e6:.2f} M tokens/s",
-        f"memory per rank (rank 0; train.dtype={cfg.train.dtype}, reduce_dtype="
-        f"{cfg.parallel.reduce_dtype}, reshard_after_forward={cfg.parallel.reshard_after_forward}, "
-        f"ac={ac}):",
-        f"  params (fp32 shard)             {_gib(mem.params)}",
-        f"  grads (fp32 shard)              {_gib(mem.grads)}",
-        f"  optimizer (AdamW 2 x fp32)      {_gib(mem.optimizer)}",
-        f"  gathered params + their grads   {_gib(mem.gathered)}",
-        f"  activations (micro-batch)       {_gib(mem.activations)}"
-        f"   [none {_gib(mem.activations_no_ac).strip()}, full AC {_gib(mem.activations_full_ac).strip()}]",
-        f"  total                           {_gib(mem.total)}",
-        f"  B200: {HBM_GIB:.0f} GiB HBM, budget {USABLE_FRACTION:.0%} = {_gib(mem.budget).strip()}"
-        f" -> {'FITS' if mem.fits else 'DOES NOT FIT'}"
-        + (
-            ""
-            if mem.fits
-            else " (lower --train.micro_batch_size, set --parallel.ac=full, or raise --parallel.tp)"
-        ),
-        "  formula: params+grads+optimizer = 16 B x rank-0 shard; gathered = (root unit + 2 blocks)"
-        " x (compute + reduce bytes); activations = micro-batch tokens x"
-        " kfm.parallel.plan.activation_bytes_per_token (see its docstring)",
+        *(timing or []),
+        *format_memory(cfg, plan.memory, plan.gpu, ac=ac),
     ]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
-def plan_report(cfg: Config, world_size: int) -> str:
-    """Text of ``kfm train CONFIG --dry-run --world-size N``: mesh, sharding, memory per rank.
-
-    Runs in one CPU process for any world size (fake process group, meta tensors; no GPU).
-
-    Raises:
-        ConfigError: see `build_plan`.
-    """
-    return format_plan(cfg, build_plan(cfg, world_size))
+def format_memory(cfg: Config, mem: MemoryEstimate, gpu: GPU, *, ac: str) -> list[str]:
+    """The memory-per-rank lines of a report, with the fit verdict and what to change."""
+    fp8 = cfg.parallel.fp8 != "none"
+    return [
+        f"memory per rank (rank 0; train.dtype={cfg.train.dtype}, reduce_dtype="
+        f"{cfg.parallel.reduce_dtype}, reshard_after_forward={cfg.parallel.reshard_after_forward}, "
+        f"ac={ac}, fp8={cfg.parallel.fp8}):",
+        f"  params (fp32 shard)             {_gib(mem.params)}",
+        f"  grads (fp32 shard)              {_gib(mem.grads)}",
+        f"  optimizer (AdamW 2 x fp32)      {_gib(mem.optimizer)}",
+        f"  gathered params + their grads   {_gib(mem.gathered)}   (FSDP communication buffers)",
+        f"  activations (micro-batch)       {_gib(mem.activations)}"
+        f"   [none {_gib(mem.activations_no_ac).strip()}, full AC "
+        f"{_gib(mem.activations_full_ac).strip()}]",
+        *([f"  fp8 weight copies               {_gib(mem.fp8)}"] if fp8 else []),
+        *([f"  TP all-gather buffers           {_gib(mem.tp_buffers)}"] if mem.tp_buffers else []),
+        f"  total                           {_gib(mem.total)}",
+        f"  {gpu.name.upper()}: {gpu.hbm_bytes / GIB:.0f} GiB HBM, budget {USABLE_FRACTION:.0%} = "
+        f"{_gib(mem.budget).strip()} -> {'FITS' if mem.fits else 'DOES NOT FIT'}"
+        + (
+            ""
+            if mem.fits
+            else " (lower --train.micro_batch_size, set --parallel.ac=full, or raise --parallel.tp)"
+        ),
+        "  formula: params+grads+optimizer = 16 B x rank-0 shard; gathered = live units x "
+        "(param + reduce bytes), live = root unit + 2 blocks; activations = micro-batch tokens x"
+        " kfm.parallel.plan.activation_bytes_per_token (see its docstring)",
+    ]

@@ -23,6 +23,7 @@ from kfm.parallel.plan import (
     build_plan,
     format_plan,
 )
+from kfm.plan.report import dry_run_report
 from tests.conftest import REPO
 
 WORLD = 256
@@ -65,6 +66,7 @@ def test_memory_total_and_fit_follow_the_formula(preset):
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     assert plan.micro_batch_tokens == tokens
     assert mem.activations == int(activation_bytes_per_token(cfg, tp=1) * tokens)
+    assert mem.fp8 == 0 and mem.tp_buffers == 0  # bf16, no TP
     assert mem.total == mem.params + mem.grads + mem.optimizer + mem.gathered + mem.activations
     assert mem.fits == (mem.total <= 0.9 * 179 * GIB)
     assert mem.fits, report  # both presets are sized to fit
@@ -126,7 +128,7 @@ def test_tp2_shards_over_dp_shard_times_tp_and_matches_the_analytic_plan():
 def test_bad_world_size_names_the_parallel_flags(overrides, world):
     cfg = _cfg("b200_1b", *overrides)
     with pytest.raises(ConfigError, match=r"--parallel\.(dp_replicate|dp_shard|tp)") as err:
-        plan_mod.plan_report(cfg, world)
+        dry_run_report(cfg, world)
     assert str(world) in str(err.value)
     assert not dist.is_initialized()
 
@@ -186,3 +188,29 @@ def test_block_formula_matches_what_autograd_saves():
         and t.shape[0] == batch * seq
     ) / (batch * seq)
     assert per_token == pytest.approx(block_activation_bytes_per_token(cfg, tp=1), rel=1e-3)
+
+
+def test_fp8_and_tp_buffers_are_counted():
+    base = build_plan(_cfg("b200_8b"), WORLD).memory
+    fp8 = build_plan(_cfg("b200_8b", "--parallel.fp8=tensorwise"), WORLD).memory
+    # one fp8 (1-byte) copy of the live units: root unit + 2 blocks, gathered over dp_shard=8
+    assert fp8.fp8 == base.gathered // (2 + 4)
+    gather = build_plan(
+        _cfg("b200_8b", "--parallel.fp8=tensorwise", "--parallel.fp8_all_gather=true"), WORLD
+    ).memory
+    # fp8 all-gather: no separate copy, and the gathered weights take 1 byte instead of 2
+    assert gather.fp8 == 0 and gather.gathered == base.gathered - fp8.fp8
+    tp = build_plan(_cfg("b200_8b", "--parallel.dp_shard=4", "--parallel.tp=2"), WORLD).memory
+    assert tp.tp_buffers == 2 * 8192 * 4096 * 2  # two bf16 full-sequence block inputs
+    assert tp.total - tp.tp_buffers == (
+        tp.params + tp.grads + tp.optimizer + tp.gathered + tp.activations + tp.fp8
+    )
+
+
+def test_budget_follows_the_gpu():
+    from kfm.plan.hardware import GPUS, USABLE_FRACTION
+
+    plan = build_plan(_cfg("b200_8b"), WORLD, gpu=GPUS["h100"], analytic=True)
+    assert plan.memory.budget == int(GPUS["h100"].hbm_bytes * USABLE_FRACTION)
+    assert not plan.memory.fits  # no activation checkpointing at 8k tokens: too big for 79 GiB
+    assert "H100: 79 GiB HBM" in format_plan(_cfg("b200_8b"), plan)
