@@ -163,10 +163,12 @@ def run_pipeline(
     kept = sum(r.get("pack_docs", 0) for r in report["sources"].values())
     tokens = sum(r.get("pack_tokens", 0) for r in report["sources"].values())
     read = sum(r.get("input_docs", 0) for r in report["sources"].values())
+    train_line = (
+        f"\n  train: kfm train {out / 'train.yaml'}" if cfg.card.train_preset is not None else ""
+    )
     print(
         f"kfm data run {cfg.name}: {read:,} documents read, {kept:,} kept, {tokens:,} tokens in "
-        f"{out / 'shards'}\n  stats: {out / STATS_NAME}\n  card:  {out / CARD_NAME}\n"
-        f"  train: kfm train {out / 'train.yaml'}",
+        f"{out / 'shards'}\n  stats: {out / STATS_NAME}\n  card:  {out / CARD_NAME}{train_line}",
         file=sys.stdout,
     )
     if cfg.pack.train_tokenizer:

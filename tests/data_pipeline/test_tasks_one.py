@@ -68,10 +68,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("tasks")
     out = {}
     for tasks in (1, 2):
-        proc = data_run(write_config(root, f"t{tasks}", tasks))
+        # The second run writes no train.yaml, and its summary must not point at one.
+        extra = () if tasks == 1 else ("--card.train_preset=null",)
+        proc = data_run(write_config(root, f"t{tasks}", tasks), *extra)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         assert "Traceback" not in proc.stderr
         out[tasks] = root / f"t{tasks}"
+        assert ("train: kfm train" in proc.stdout) == (tasks == 1), proc.stdout
+        assert (out[tasks] / "train.yaml").is_file() == (tasks == 1)
     return out
 
 
