@@ -34,6 +34,23 @@ SURFACE = {
     "data run": ["--dry-run", "--executor", "--overwrite", "config"],
     "data card": ["--output", "run_dir"],
     "data verify": ["--splits", "--workers", "shard_sets"],
+    "plan": [
+        "--candidates",
+        "--data",
+        "--gemm-efficiency",
+        "--gpu",
+        "--gpu-hours",
+        "--gpus-per-node",
+        "--json",
+        "--nodes",
+        "--save-s",
+        "--sbatch-args",
+        "--search",
+        "--tokens",
+        "--top",
+        "--validate",
+        "config",
+    ],
 }
 
 
@@ -81,6 +98,7 @@ def test_cli_surface_is_frozen():
         ["data", "run"],
         ["data", "card"],
         ["data", "verify"],
+        ["plan"],
     ],
 )
 def test_help_on_every_command(command):
