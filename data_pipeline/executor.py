@@ -2,7 +2,9 @@
 
 Both keep datatrove's resume rule: a task that finished wrote ``<logs>/<stage>/completions/NNNNN``
 and is skipped by the next run of the same command, so a rerun after a crash or a preemption
-redoes only the unfinished tasks. Per-task logs are ``<logs>/<stage>/logs/task_NNNNN.log``.
+redoes only the unfinished tasks. Per-task logs are ``<logs>/<stage>/logs/task_NNNNN.log``; the
+console gets one line per finished stage and the tasks' warnings (``kfm -v``: datatrove's full
+per-task logs too).
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import math
 import os
 import re
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.stage import Stage
 from data_pipeline.steps import require_datatrove
+from kfm.console import NORMAL, VERBOSE, verbosity
 
 try:
     from datatrove.executor.local import LocalPipelineExecutor
@@ -128,6 +134,65 @@ class TaskFailedError(RuntimeError):
         )
 
 
+class _Console:
+    """The console as datatrove's loggers see it while kfm runs a stage.
+
+    datatrove (loguru) writes every task's banner, pipeline listing and statistics table to the
+    console as well as to the task's log file (``<logs>/<stage>/logs/task_NNNNN.log``). Given as
+    the console, this object passes on what is not a log record unchanged, and of log records
+    only warnings and errors, as one line each without traceback (a failed task's exception
+    reaches the command line as TaskFailedError, naming its log file, which holds the traceback).
+    """
+
+    def __init__(self, stream: Any, label: str) -> None:
+        self.stream = stream
+        self.label = label
+
+    def write(self, text: str) -> int:
+        record = getattr(text, "record", None)  # loguru hands sinks a str with its record
+        if record is None:
+            return self.stream.write(text)
+        if record["level"].no < _WARNING or record["exception"] is not None:
+            return len(text)
+        first = str(record["message"]).strip().splitlines()[0] if record["message"] else ""
+        return self.stream.write(f"{self.label}: {record['level'].name.lower()}: {first}\n")
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding...
+        return getattr(self.stream, name)
+
+
+_WARNING = 30
+"""loguru's (and logging's) level number of WARNING."""
+
+
+@contextmanager
+def _quiet_datatrove(label: str, *, task: bool) -> Iterator[None]:
+    """Inside: loguru sinks added on ``sys.stderr`` (datatrove's task and default loggers) and
+    this process's default sink go through `_Console`. After a ``task`` (which may run in a
+    pool worker, where datatrove then logs "k/N tasks completed") the default sink stays
+    filtered; after a stage, datatrove's default sink is back. Does nothing with ``kfm -v``."""
+    if verbosity() >= VERBOSE:
+        yield
+        return
+    from loguru import logger
+
+    real = sys.stderr
+    sys.stderr = _Console(real, label)
+    try:
+        logger.remove()
+        logger.add(sys.stderr, level=0, format="{message}")
+        yield
+    finally:
+        sys.stderr = real
+        logger.remove()  # datatrove re-added its default sink on our console after each task
+        if task:
+            logger.add(_Console(real, label), level=0, format="{message}")
+        else:
+            from datatrove.utils.logging import setup_default_logger
+
+            setup_default_logger()
+
+
 class _LocalExecutor(LocalPipelineExecutor):
     """datatrove's local executor, whose failed tasks raise TaskFailedError."""
 
@@ -137,7 +202,8 @@ class _LocalExecutor(LocalPipelineExecutor):
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
         try:
-            return super()._run_for_rank(rank, local_rank, node_rank)
+            with _quiet_datatrove(f"{self.stage} task {rank}", task=True):
+                return super()._run_for_rank(rank, local_rank, node_rank)
         except Exception as e:
             # SystemExit etc. are left alone: a pool worker that dies never reports back, so
             # only exceptions can be turned into an error naming the task.
@@ -303,7 +369,7 @@ def run_stages(
         return
     if dry_run:
         return
-    for stage in stages:
+    for i, stage in enumerate(stages, start=1):
         # No datatrove `depends=` chain: the stages already run one by one and each is checked
         # complete below. A chain would also pickle every earlier executor into each pool task
         # of a later stage, and a stage run in this process (one worker, e.g. tasks: 1) keeps
@@ -316,12 +382,27 @@ def run_stages(
             logging_dir=str(logs / stage.name),
             skip_completed=True,
         )
-        executor.run()
+        todo = len(executor.get_incomplete_ranks())
+        started = time.perf_counter()
+        with _quiet_datatrove(stage.name, task=False):
+            executor.run()
         if missing := executor.get_incomplete_ranks():
             raise RuntimeError(
                 f"stage {stage.name!r}: tasks {missing} did not complete; see "
                 f"{logs / stage.name / 'logs'} and rerun the same command"
             )
+        if verbosity() >= NORMAL:
+            print(_stage_line(i, len(stages), stage, todo, time.perf_counter() - started))
+
+
+def _stage_line(i: int, n: int, stage: Stage, ran: int, seconds: float) -> str:
+    """One console line per finished stage: "stage 2/5 dedup: 4 tasks in 12.3 s" (or how many
+    were already complete from an earlier run)."""
+    done = stage.tasks - ran
+    what = f"{ran} task{'s' if ran != 1 else ''} in {seconds:.1f} s" if ran else "nothing to do"
+    if done:
+        what += f" ({done} already complete)"
+    return f"stage {i}/{n} {stage.name}: {what}"
 
 
 def plan_text(stages: list[Stage], cfg: ExecutorConfig, logging_dir: str | Path) -> str:

@@ -53,6 +53,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kfm.data.readers import ReaderError, Rejection, json_lines
 from kfm.fs import atomic_write_text
 from kfm.tokenizer import PII_TOKENS
 
@@ -320,40 +321,48 @@ def scrub(text: str, *, types: Iterable[str] | None = None) -> tuple[str, Counte
 def pii_report(in_path: str | Path, out_path: str | Path | None = None) -> dict[str, int]:
     """Audit a JSONL corpus: for each document, the PII spans found in its ``text`` field.
 
-    Writes one JSON line per input document, ``{"id", "spans": [{"type", "start", "end",
-    "text"}]}`` (``id`` is the document's ``id`` or else its 1-based line number), to
-    ``out_path`` atomically, or to stdout when ``out_path`` is None. Blank lines are skipped.
-    Returns the number of spans per type (every type present, zeros included).
+    Reads JSON lines, plain or compressed (``.gz``, ``.zst``; ``kfm.data.readers``). Writes one
+    JSON line per input document, ``{"id", "spans": [{"type", "start", "end", "text"}]}`` (``id``
+    is the document's ``id`` or else its 1-based line number), to ``out_path`` atomically, or to
+    stdout when ``out_path`` is None; an ``out_path`` that is not a regular file (``/dev/stdout``,
+    a named pipe) is written in place. Blank lines are skipped. Returns the number of spans per
+    type (every type present, zeros included).
 
-    Raises ``ValueError`` naming the file and line when a line is not a JSON object with a
-    string ``text`` field.
+    Raises:
+        ReaderError: (a ``ValueError``) naming the file and line when a line is not UTF-8 or not
+            a JSON object with a string ``text`` field, or the file is not readable as JSON lines.
+        OSError: the output cannot be written (permission denied, no space left...).
     """
     in_path = Path(in_path)
     counts = dict.fromkeys(PII_TYPES, 0)
     out_lines: list[str] = []
-    with open(in_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{in_path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise ValueError(f"{in_path}:{lineno}: expected a JSON object with a string 'text'")
-            spans = find_pii(doc["text"])
-            for sp in spans:
-                counts[sp.type] += 1
-            rec = {
-                "id": doc.get("id", lineno),
-                "spans": [
-                    {"type": sp.type, "start": sp.start, "end": sp.end, "text": sp.text}
-                    for sp in spans
-                ],
-            }
-            out_lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    for lineno, doc in json_lines(in_path):
+        if isinstance(doc, Rejection):
+            if doc.reason == "invalid_utf8":
+                raise ReaderError(f"{doc.where}: {doc.detail}; convert the file to UTF-8")
+            raise ReaderError(f"{doc.where}: not valid JSON ({doc.detail})")
+        if not isinstance(doc.get("text"), str):
+            raise ReaderError(f"{in_path}:{lineno}: expected a JSON object with a string 'text'")
+        spans = find_pii(doc["text"])
+        for sp in spans:
+            counts[sp.type] += 1
+        rec = {
+            "id": doc.get("id", lineno),
+            "spans": [
+                {"type": sp.type, "start": sp.start, "end": sp.end, "text": sp.text} for sp in spans
+            ],
+        }
+        out_lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    text = "".join(out_lines)
     if out_path is None:
-        sys.stdout.write("".join(out_lines))
+        sys.stdout.write(text)
+    elif Path(out_path).exists() and not Path(out_path).is_file():
+        # A device or pipe: an atomic write would replace it with a regular file.
+        try:
+            with open(out_path, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:  # a failed write names no file: name it
+            raise OSError(e.errno, e.strerror, str(out_path)) from e
     else:
-        atomic_write_text(out_path, "".join(out_lines))
+        atomic_write_text(out_path, text)
     return counts

@@ -14,7 +14,11 @@ import sys
 from pathlib import Path
 
 from kfm.config import ConfigError
+from kfm.console import NORMAL, QUIET, VERBOSE, set_verbosity
+from kfm_cli.errors import debug_requested, report
+from kfm_cli.output import quiet_libraries
 
+_GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet", "--debug")
 _OVERRIDES_HELP = "Config overrides as dotted flags after the other options, e.g. --optim.lr=3e-4 --train.steps 200."
 
 
@@ -151,6 +155,7 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps(to_dict(cfg.tokenizer), indent=2))
         return 0
     from kfm.tokenizer import train_from_files
+    from kfm.tokenizer.core import METADATA_FILE
 
     t = cfg.tokenizer
     inputs = list(t.inputs)
@@ -169,12 +174,13 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
         max_chars=t.max_chars,
         overwrite=args.overwrite,
     )
-    print(json.dumps(report, indent=2, ensure_ascii=False))
     fert = report.get("fertility", {})
     print(
-        f"tokenizer {t.path}: {report['vocab_size']} tokens; fertility (characters per token) "
+        f"tokenizer {t.path}: {report['vocab_size']:,} tokens, trained on "
+        f"{report['train_docs']:,} documents; fertility (characters per token) "
         + ", ".join(f"{lang} {v:.2f}" for lang, v in fert.items() if v is not None)
     )
+    print(f"  report: {Path(report['path']) / METADATA_FILE}")
     return 0
 
 
@@ -228,6 +234,7 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     from kfm.config import config_from_dict
     from kfm.export.hf import export_hf
     from kfm.export.verify import export_logits_diff
+    from kfm.fs import check_output_dir
     from kfm.tokenizer.identity import check_tokenizer_identity, describe
 
     path = resolve_checkpoint_arg(args.checkpoint)
@@ -238,6 +245,10 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     check = check_tokenizer_identity(
         tokenizer, checkpoint=path, config=cfg, tokenizer_given=args.tokenizer is not None
     )
+    # export_hf checks again; checking here refuses a bad OUT_DIR before the weights are read.
+    check_output_dir(
+        args.out_dir, "export", inputs=[path, tokenizer], overwrite=args.overwrite, flag="OUT_DIR"
+    )
     state, _ = load_model_state(path)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out = export_hf(
@@ -247,6 +258,7 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
         tokenizer_dir=tokenizer,
         dtype=dtype,
         overwrite=args.overwrite,
+        source=path,
     )
     print(f"exported {path} -> {out}")
     note = describe(check, tokenizer)
@@ -323,6 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kfm",
         description="Pretrain a Korean/English domain foundation model from scratch.",
         epilog=_OVERRIDES_HELP,
+    )
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show library info messages and the curation pipeline's per-task logs",
+    )
+    loud.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only warnings, errors and each command's final result line",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the Python traceback too (same as KFM_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -554,25 +584,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if misplaced := [a for a in rest if a in _GLOBAL_FLAGS]:
+        parser.error(
+            f"{misplaced[0]} is an option of kfm itself: put it before the command "
+            f"(kfm {misplaced[0]} {_command(args)} ...)"
+        )
     if rest and not getattr(args, "takes_overrides", False):
         # Only config-driven commands take --section.key=value; elsewhere it is a typo.
-        parser.error(f"unrecognized arguments for kfm {args.command}: {' '.join(rest)}")
+        parser.error(f"unrecognized arguments for kfm {_command(args)}: {' '.join(rest)}")
+    level = VERBOSE if args.verbose else QUIET if args.quiet else NORMAL
+    set_verbosity(level)
+    quiet_libraries(level)
+    # Under torchrun every rank runs this and reports its own failure, tagged with its rank.
+    rank = int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     try:
         return args.func(args, rest)
-    except ConfigError as e:
-        print(f"kfm {args.command}: config error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        # Our own errors (ShardError, CheckpointError, ReaderError...) carry the fix in their
-        # message: print it alone. Anything else is a bug or a library error: keep the traceback.
-        if isinstance(e, FileNotFoundError) or type(e).__module__.split(".")[0] in (
-            "kfm",
-            "eval",
-            "data_pipeline",
-        ):
-            print(f"kfm {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except (Exception, KeyboardInterrupt) as e:
+        # One message naming the fix; the traceback only when asked for (kfm_cli/errors.py).
+        return report(
+            e,
+            command=_command(args),
+            debug=debug_requested(args.debug),
+            rank=rank,
+            stream=sys.stderr,
+        )
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command as typed: "train", "tokenizer train", "data run"..."""
+    sub = getattr(args, "tokenizer_command", None) or getattr(args, "data_command", None)
+    return f"{args.command} {sub}" if sub else args.command
 
 
 if __name__ == "__main__":

@@ -212,9 +212,11 @@ def pack(
             splits = {"train": train.close(), "val": val.close()}
         n_docs = sum(s["n_docs"] for s in splits.values())
         if n_docs == 0:
+            empty = stats["skipped_empty"]
+            found = f"{empty} with empty text only" if empty else "the input is empty"
             raise ValueError(
-                f"pack: no non-empty documents in {inputs} ({stats['skipped_empty']} empty); "
-                "check the inputs and --text-field"
+                f"{', '.join(map(str, inputs))}: no documents to pack ({found}); give inputs "
+                f"that hold text, or set --text-field to the field holding it"
             )
         if val_fraction > 0 and splits["val"]["n_docs"] == 0:
             log.warning(

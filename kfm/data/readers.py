@@ -58,6 +58,7 @@ __all__ = [
     "list_files",
     "text_lines",
     "text_problem",
+    "utf8_error_position",
 ]
 
 HF_PREFIX = "hf://"
@@ -238,6 +239,20 @@ def _corrupt(path: Path, line_no: int, e: BaseException) -> str:
     )
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _utf8_detail(bad: int, byte: int, reason: str) -> str:
+    """What the reader says about a line that is not UTF-8; `byte` counts from 1, like lines."""
+    return f"not UTF-8: byte {byte} of the line is 0x{bad:02x} ({reason})"
+
+
+def utf8_error_position(data: bytes, start: int) -> tuple[int, int]:
+    """(line, byte in that line) of byte offset `start` (from 0) of `data`, both from 1."""
+    line_start = data.rfind(b"\n", 0, start) + 1
+    return data.count(b"\n", 0, start) + 1, start - line_start + 1
+
+
 def text_lines(path: Path) -> Iterator[tuple[int, str | Rejection]]:
     """(line number from 1, decoded line without its newline) of a possibly compressed file.
 
@@ -252,12 +267,12 @@ def text_lines(path: Path) -> Iterator[tuple[int, str | Rejection]]:
     line_no = 0
     try:
         for line_no, raw in enumerate(_byte_lines(path), start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+            bom = 3 if line_no == 1 and raw.startswith(_BOM) else 0
             try:
-                yield line_no, raw.decode("utf-8").rstrip("\r\n")
+                yield line_no, raw[bom:].decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                detail = f"not UTF-8 ({e.reason} at byte {e.start} of the line)"
+                # Positions in the line as stored: the byte-order mark counts.
+                detail = _utf8_detail(raw[bom + e.start], bom + e.start + 1, e.reason)
                 yield line_no, Rejection("invalid_utf8", f"{path}:{line_no}", detail)
     except errors as e:
         raise ReaderError(_corrupt(path, line_no, e)) from e
@@ -346,10 +361,14 @@ def _parquet_rows(unit: ReadUnit, text_field: str, setting: str) -> Iterator[_Ro
 
 def _text_file_rows(unit: ReadUnit, text_field: str) -> Iterator[_Row | Rejection]:
     where = str(unit.path)
+    data = unit.path.read_bytes()
+    bom = 3 if data.startswith(_BOM) else 0
     try:
-        text = unit.path.read_bytes().decode("utf-8-sig")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        yield Rejection("invalid_utf8", where, f"not UTF-8 ({e.reason} at byte {e.start})")
+        line, byte = utf8_error_position(data, bom + e.start)
+        detail = _utf8_detail(data[bom + e.start], byte, e.reason)
+        yield Rejection("invalid_utf8", f"{where}:{line}", detail)
         return
     yield _Row({text_field: text}, where, unit.key)  # the whole file is the text field
 

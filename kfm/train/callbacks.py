@@ -166,7 +166,7 @@ class MetricsReporter(Callback):
             self._t_last, self._step_last = time.perf_counter(), info.step
         elif info.out.skipped.device.type == "cpu" and info.out.skipped.item():
             # On CPU reading the flag costs nothing: say so on the step it happens.
-            self.logger.info(f"step {info.step}: update skipped (non-finite or spiking loss)")
+            self.logger.warning(f"step {info.step}: update skipped (non-finite or spiking loss)")
         self.logger.advance()
 
 

@@ -1,4 +1,9 @@
-"""Metric sinks: console (+ progress bar), metrics.jsonl, TensorBoard and wandb (offline by default)."""
+"""Metric sinks: console (+ progress bar), metrics.jsonl, TensorBoard and wandb (offline by default).
+
+metrics.jsonl records every metric at full precision; the console shows one line per log step
+in a readable precision with the estimated time left (`step_line`), and a tqdm bar when stderr
+is a terminal (never in log files). ``kfm -q`` keeps the console to warnings.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,77 @@ import json
 import math
 import os
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kfm.config import Config, LoggingConfig, to_dict
+from kfm.console import NORMAL, verbosity
 from kfm.fs import atomic_write_text
 
 
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
     if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4f}"
+        return f"{value:.4g}"
     return str(value)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.3f} s" if s < 10 else f"{s:.1f} s"
+
+
+def _duration(s: float) -> str:
+    """H:MM:SS (D days, H:MM:SS past a day)."""
+    days, rest = divmod(int(s + 0.5), 86400)
+    h, rest = divmod(rest, 3600)
+    clock = f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+# How the console shows each metric (metrics.jsonl keeps every key, at full precision). A
+# formatter returning None leaves the field out of the line.
+_CONSOLE: dict[str, Callable[[Any], str | None]] = {
+    "loss": lambda v: f"loss {v:.4f}",
+    "val_loss": lambda v: f"val_loss {v:.4f}",
+    "val_bpb": lambda v: f"val_bpb {v:.4f}",
+    "val_tokens": lambda v: f"val_tokens {v:,}",
+    "grad_norm": lambda v: f"grad_norm {v:.3f}" if v >= 1e-3 else f"grad_norm {v:.2e}",
+    "lr": lambda v: f"lr {v:.2e}",
+    "skipped": lambda v: "update SKIPPED" if v else None,
+    "skipped_total": lambda v: f"skipped_total {v:,}" if v else None,
+    "step_time_s": lambda v: f"{_seconds(v)}/step",
+    "tokens_per_s_global": lambda v: f"{v:,.0f} tok/s",
+    "tokens_per_s_per_device": lambda v: f"{v:,.0f} tok/s/device",
+    "tflops_per_device": lambda v: f"{v:.3g} TFLOP/s/device",
+    "mfu": lambda v: f"mfu {v:.1%}" if v is not None else None,
+    "peak_memory_gb": lambda v: f"mem {v:.2f} GB",
+}
+
+
+def step_line(
+    step: int, metrics: dict[str, Any], *, total_steps: int, eta_s: float | None = None
+) -> str:
+    """One console line for ``metrics`` of ``step``: the known metrics in a fixed order and
+    precision (loss 4 decimals, tokens/s whole with thousands separators, mfu in %), then any
+    other metric, then the estimated time to the last step."""
+    shown = dict(metrics)
+    if shown.get("tokens_per_s_per_device") == shown.get("tokens_per_s_global"):
+        shown.pop("tokens_per_s_per_device", None)  # one device: the same number twice
+    parts = [f(shown[k]) for k, f in _CONSOLE.items() if k in shown]
+    parts += [f"{k} {_fmt(v)}" for k, v in shown.items() if k not in _CONSOLE]
+    if eta_s is not None:
+        parts.append(f"eta {_duration(eta_s)}")
+    width = len(str(total_steps))
+    head = f"step {step:>{width}d}/{total_steps}"
+    return " | ".join([head, *(p for p in parts if p is not None)])
 
 
 WANDB_ID_FILE = "wandb_id"
@@ -46,10 +106,15 @@ class MetricLogger:
     ) -> None:
         lc: LoggingConfig = cfg.logging
         self.enabled = enabled
+        self.total_steps = total_steps
+        self._console = verbosity() >= NORMAL  # kfm -q: warnings and the final result only
         self._jsonl = None
         self._tb = None
         self._wandb = None
         self._bar = None
+        # ETA from the pace since the first training step logged here: that pace includes
+        # evaluations and checkpoints, and leaves out start-up (build, compile, resume).
+        self._pace_from: tuple[int, float] | None = None
         if not enabled:
             return
         if lc.jsonl:
@@ -74,10 +139,17 @@ class MetricLogger:
                 config=to_dict(cfg),
                 resume="allow",  # a restart (resume, Slurm requeue) continues the same run
             )
-        if lc.progress_bar and sys.stderr.isatty():
+        if lc.progress_bar and self._console and sys.stderr.isatty():
+            # A terminal only: in a log file (Slurm, CI, nohup) a bar is a stream of redraws.
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                disable=False,  # kfm_cli sets TQDM_DISABLE for libraries' bars, not this one
+            )
 
     def log(self, step: int, metrics: dict[str, Any], *, console: bool = True) -> None:
         """Record ``metrics`` (scalars or None) for ``step`` in every sink."""
@@ -97,12 +169,30 @@ class MetricLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
-        if console:
-            line = f"step {step:>6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-            if self._bar is not None:
-                self._bar.write(line)
-            else:
-                print(line, flush=True)
+        if console and self._console:
+            self._write(
+                step_line(
+                    step, metrics, total_steps=self.total_steps, eta_s=self._eta(step, metrics)
+                )
+            )
+
+    def _eta(self, step: int, metrics: dict[str, Any]) -> float | None:
+        if "loss" not in metrics:  # evaluation lines
+            return None
+        now = time.monotonic()
+        if self._pace_from is None:
+            self._pace_from = (step, now)
+            return None
+        first_step, first_t = self._pace_from
+        if step <= first_step:
+            return None
+        return (self.total_steps - step) * (now - first_t) / (step - first_step)
+
+    def _write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
 
     def advance(self, n: int = 1, loss: float | None = None) -> None:
         """Move the progress bar (no-op without a TTY)."""
@@ -112,12 +202,14 @@ class MetricLogger:
                 self._bar.set_postfix(loss=f"{loss:.4f}")
 
     def info(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(message)
-        else:
-            print(message, flush=True)
+        """A progress message (rank 0; not with kfm -q)."""
+        if self.enabled and self._console:
+            self._write(message)
+
+    def warning(self, message: str) -> None:
+        """A message the user should see even with kfm -q (rank 0)."""
+        if self.enabled:
+            self._write(message)
 
     def close(self) -> None:
         if self._bar is not None:

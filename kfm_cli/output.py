@@ -1,0 +1,63 @@
+"""What reaches the console besides kfm's own lines: library warnings, logs and progress bars.
+
+Libraries report things a user of `kfm` cannot act on: deprecations inside transformers, notes
+on torch's and torchao's own internals, progress bars of sub-second loads. By default and with
+``-q`` the console shows warnings of kfm's own code and errors of any library, and no library
+progress bar; ``-v`` shows every warning, bar and INFO log of kfm and its libraries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from kfm.console import VERBOSE
+
+_OUR_MODULES = r"(kfm|kfm_cli|eval|data_pipeline)(\..*)?$"
+_OUR_LOGGERS = ("kfm", "kfm_cli", "eval", "data_pipeline")
+_QUIET_ENV = {
+    # Read when each library is imported, which every command does after this runs; a value the
+    # user set wins.
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' and the Hub's load/save bars
+    "TORCH_LOGS": "-torch",  # torch's own logger (its handler is separate): errors only
+    # Libraries' bars (datatrove's dedup steps...); kfm's training bar asks for itself.
+    "TQDM_DISABLE": "1",
+}
+
+
+def _own_warning_or_any_error(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or (
+        record.levelno >= logging.WARNING and record.name.split(".")[0] in _OUR_LOGGERS
+    )
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.name.split(".")[0] not in _OUR_LOGGERS:
+            text = f"{record.name}: {text}"
+        return text
+
+
+def quiet_libraries(level: int) -> None:
+    """Set up warnings and logging for a command run at console ``level`` (kfm.console)."""
+    if level >= VERBOSE:
+        warnings.simplefilter("default")  # each distinct warning once, from every library
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+        return
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=_OUR_MODULES)  # checked first: inserted last
+    root = logging.getLogger()
+    if not any(getattr(h, "kfm_console", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(_own_warning_or_any_error)
+        handler.setFormatter(_ConsoleFormatter())
+        handler.kfm_console = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
