@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import TextIO
 
 from kfm.console import VERBOSE
 
@@ -35,6 +36,19 @@ def _own_warning_or_any_error(record: logging.LogRecord) -> bool:
     )
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record comes (as logging's last-resort
+    handler does), not the stream of the moment it was made."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 class _ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
@@ -55,7 +69,7 @@ def quiet_libraries(level: int) -> None:
     warnings.filterwarnings("default", module=_OUR_MODULES)  # checked first: inserted last
     root = logging.getLogger()
     if not any(getattr(h, "kfm_console", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.addFilter(_own_warning_or_any_error)
         handler.setFormatter(_ConsoleFormatter())
         handler.kfm_console = True  # type: ignore[attr-defined]

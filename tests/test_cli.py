@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,74 @@ def test_data_verify_finds_a_corrupt_file(tiny_sources, tmp_path, capsys):
     assert main(["data", "verify", str(bad), good[1]]) == 1
     err = capsys.readouterr().err
     assert "val-00000.idx" in err and "sha256" in err
+
+
+def test_a_bug_is_one_line_unless_debug(monkeypatch, capsys):
+    """An exception kfm did not anticipate (here a TypeError from a command) is reported as a
+    bug in one line; --debug adds the traceback."""
+
+    def broken(args, overrides):
+        return sorted([1, "a"])  # TypeError, as a real bug would raise
+
+    monkeypatch.delenv("KFM_DEBUG", raising=False)
+    monkeypatch.setattr(sys.modules["kfm_cli.main"], "cmd_data_card", broken)
+    assert main(["data", "card", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kfm data card: error: TypeError: '<' not supported")
+    assert err.rstrip().endswith(
+        "(this is a bug in kfm; rerun with --debug for the traceback and report it)"
+    )
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["--debug", "data", "card", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'sorted([1, "a"])' in err
+
+
+def test_user_errors_and_bugs_are_told_apart():
+    from kfm_cli.errors import classify
+
+    def raised(e: BaseException) -> BaseException:
+        try:
+            raise e
+        except BaseException as caught:
+            return caught
+
+    import errno
+
+    from kfm.data.pack import pack
+
+    with pytest.raises(ValueError) as ours:  # a ValueError raised by our code carries the fix
+        pack([], "tokenizer", "out", source_name="x")
+    assert classify(ours.value).message == (
+        "pack: no inputs given; pass files or directories to tokenize"
+    )
+    assert classify(raised(ValueError("x"))).bug is True  # raised here, outside our packages
+    assert classify(raised(OSError(errno.ENOSPC, "No space left", "/d/f"))).message == (
+        "/d/f: no space left on the device: free space there or write to another disk"
+    )
+    assert classify(raised(FileExistsError("out exists; pass --overwrite"))).message == (
+        "out exists; pass --overwrite"
+    )
+    assert classify(raised(KeyError("k"))).bug is True
+    assert classify(KeyboardInterrupt()).code == 130
+    # A ValueError raised inside a library, not by our code, is not a message for the user.
+    with pytest.raises(ValueError) as theirs:
+        int("not a number")
+    assert classify(theirs.value).bug is True
+
+
+def test_tokenizer_prints_its_summary_not_its_json(tiny_sources, tmp_path, capsys):
+    source = tiny_sources[0]  # packed from <root>/<name>.jsonl into <root>/shards/<name>
+    corpus = Path(source["path"]).parents[1] / f"{source['name']}.jsonl"
+    args = [
+        "tokenizer",
+        "train",
+        f"--tokenizer.inputs=[{corpus}]",
+        f"--tokenizer.path={tmp_path / 'tok'}",
+        "--tokenizer.vocab_size=400",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and not any(line.lstrip().startswith(("{", '"')) for line in out)
+    assert out[0].startswith(f"tokenizer {tmp_path / 'tok'}: ") and "fertility" in out[0]
+    assert out[1] == f"  report: {tmp_path / 'tok' / 'kfm_tokenizer.json'}"

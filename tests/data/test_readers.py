@@ -25,6 +25,7 @@ from kfm.data.readers import (
     iter_documents,
     iter_unit,
     text_problem,
+    utf8_error_position,
 )
 
 DOCS = [
@@ -312,3 +313,26 @@ def test_unsupported_file_and_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReaderError, match="holds no"):
         list(iter_documents(tmp_path / "empty"))
+
+
+# --- where a byte that is not UTF-8 is: line and byte in the line, both from 1 ---------------
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.jsonl.zst", "d.txt", "bom.jsonl"])
+def test_not_utf8_names_line_and_byte(tmp_path: Path, name: str) -> None:
+    lines = [b'{"text": "one"}', b'{"text": "\xed\x95\x9c two"}', b'{"text": "b\xc3(d"}', b""]
+    data = b"\n".join(lines)
+    line, byte = 3, 12  # 0xc3 starts a 2-byte character; "(" cannot continue it
+    if name.startswith("bom"):
+        data = b"\xef\xbb\xbf" + data.replace(b"\n", b" ", 2)  # one line: the BOM's 3 bytes count
+        line, byte = 1, 3 + len(lines[0]) + 1 + len(lines[1]) + 1 + 12
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif name.endswith(".zst"):
+        data = pytest.importorskip("zstandard").ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    expected = rf"{name}:{line}: not UTF-8: byte {byte} of the line is 0xc3 \(invalid continuation"
+    with pytest.raises(ReaderError, match=expected):
+        list(iter_documents(path))
+    assert utf8_error_position(b"ab\ncd\xff", 5) == (2, 3)

@@ -421,3 +421,30 @@ def test_slurm_failed_task_blocks_next_stage_and_rerun_resumes(
     check_toy_output(work)
     calls = sorted((work / "calls.txt").read_text().split())
     assert calls == ["first:0", "first:1", "first:1", "second:0", "second:1"]
+
+
+@pytest.mark.parametrize("level", [-1, 0, 1])
+def test_console_gets_one_line_per_stage(tmp_path: Path, capfd, monkeypatch, level: int) -> None:
+    """datatrove's banners and statistics go to the task logs only; the console gets one line
+    per stage (none with kfm -q, everything with kfm -v)."""
+    from kfm.console import VERBOSITY_ENV
+
+    monkeypatch.setenv(VERBOSITY_ENV, str(level))
+    work = tmp_path / "w"
+    make_inputs(work / "in")
+    run_stages(toy_stages(work), ExecutorConfig(workers=1), logging_dir=work / "logs")
+    out, err = capfd.readouterr()
+    stage_lines = [line for line in out.splitlines() if line.startswith("stage ")]
+    if level >= 0:
+        assert [line.split(":")[0] for line in stage_lines] == [
+            "stage 1/2 first",
+            "stage 2/2 second",
+        ]
+        assert stage_lines[0].startswith("stage 1/2 first: 2 tasks in ")
+    else:
+        assert stage_lines == []
+    assert ("PIPELINE" in err) == (level == 1), err[-2000:]
+    assert "PIPELINE" in (work / "logs" / "first" / "logs" / "task_00000.log").read_text()
+    run_stages(toy_stages(work), ExecutorConfig(workers=1), logging_dir=work / "logs")
+    if level >= 0:
+        assert "stage 1/2 first: nothing to do (2 already complete)" in capfd.readouterr().out
