@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -581,9 +582,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"--[A-Za-z_]\w*\.[\w.]+(=.*)?", re.DOTALL)
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the dotted overrides ``--section.key=value`` / ``--section.key value``).
+
+    Overrides are taken out before argparse sees them: argparse reads any argument holding a space
+    (``'--data.sources=[{name: a, path: x}]'``) as a positional, which took the place of the config
+    path of commands whose config is optional.
+    """
+    others: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            others += argv[i:]
+            break
+        if _OVERRIDE.fullmatch(arg):
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            others.append(arg)
+        i += 1
+    return others, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    others, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args, rest = parser.parse_known_args(others)
+    rest += overrides
     if misplaced := [a for a in rest if a in _GLOBAL_FLAGS]:
         parser.error(
             f"{misplaced[0]} is an option of kfm itself: put it before the command "

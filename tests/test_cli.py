@@ -248,3 +248,30 @@ def test_tokenizer_prints_its_summary_not_its_json(tiny_sources, tmp_path, capsy
     assert len(out) == 2 and not any(line.lstrip().startswith(("{", '"')) for line in out)
     assert out[0].startswith(f"tokenizer {tmp_path / 'tok'}: ") and "fertility" in out[0]
     assert out[1] == f"  report: {tmp_path / 'tok' / 'kfm_tokenizer.json'}"
+
+
+def test_overrides_holding_spaces_are_not_taken_for_the_config(capsys, tmp_path):
+    """argparse reads an argument with a space as a positional; overrides are split off first."""
+    assert main(["tokenizer", "train", "--tokenizer.inputs=[a.jsonl, b.jsonl]", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"] == ["a.jsonl", "b.jsonl"]
+    assert main(["tokenizer", "train", "--tokenizer.vocab_size", "512", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 512
+
+
+def test_split_overrides_keeps_other_arguments_in_order():
+    from kfm_cli.main import split_overrides
+
+    argv = [
+        "train",
+        "c.yaml",
+        "--train.steps",
+        "5",
+        "--dry-run",
+        "--optim.lr=1e-3",
+        "--world-size",
+        "8",
+    ]
+    assert split_overrides(argv) == (
+        ["train", "c.yaml", "--dry-run", "--world-size", "8"],
+        ["--train.steps", "5", "--optim.lr=1e-3"],
+    )
