@@ -57,6 +57,13 @@ class _ConsoleFormatter(logging.Formatter):
         return text
 
 
+def _one_line(
+    message: Warning | str, category: type[Warning], *args: object, **kwargs: object
+) -> str:
+    """A warning as the user reads it: no file, line number or source line (-v shows those)."""
+    return f"warning: {message}\n"
+
+
 def quiet_libraries(level: int) -> None:
     """Set up warnings and logging for a command run at console ``level`` (kfm.console)."""
     if level >= VERBOSE:
@@ -67,6 +74,7 @@ def quiet_libraries(level: int) -> None:
         os.environ.setdefault(key, value)
     warnings.simplefilter("ignore")
     warnings.filterwarnings("default", module=_OUR_MODULES)  # checked first: inserted last
+    warnings.formatwarning = _one_line
     root = logging.getLogger()
     if not any(getattr(h, "kfm_console", False) for h in root.handlers):
         handler = _Stderr()

@@ -26,5 +26,8 @@ echo "== [4/5] export to Hugging Face format (+ logits check against kfm)"
 kfm export "$run" "$run/export/hf" --overwrite
 
 echo "== [5/5] load with transformers and sample greedily"
-python scripts/hf_generate.py "$run/export/hf"
+# A plain transformers script, outside kfm's console settings: keep the libraries' load
+# warnings, bars and torchao's note on its CUDA-only kernels (CPU wheel) off the console.
+TRANSFORMERS_VERBOSITY=error TORCH_LOGS=-torch HF_HUB_DISABLE_PROGRESS_BARS=1 \
+  python scripts/hf_generate.py "$run/export/hf" 2> >(grep -v '^Failed to load .*torchao' >&2)
 echo "== quickstart done: $run (data card: $run/data/DATA_CARD.md)"

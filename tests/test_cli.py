@@ -275,3 +275,27 @@ def test_split_overrides_keeps_other_arguments_in_order():
         ["train", "c.yaml", "--dry-run", "--world-size", "8"],
         ["--train.steps", "5", "--optim.lr=1e-3"],
     )
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_library_warnings_hidden_ours_in_one_line(level):
+    code = (
+        "import logging, warnings\n"
+        "from kfm_cli.output import quiet_libraries\n"
+        f"quiet_libraries({level})\n"
+        "warnings.warn_explicit('ours', UserWarning, 'kfm/x.py', 1, module='kfm.x')\n"
+        "warnings.warn_explicit('theirs', UserWarning, 'y.py', 1, module='transformers.y')\n"
+        "logging.getLogger('torchao').warning('library note')\n"
+        "logging.getLogger('torchao').error('library error')\n"
+        "logging.getLogger('kfm.data.pack').warning('our note')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    if level == 0:  # the default console
+        assert proc.stderr.splitlines() == [
+            "warning: ours",
+            "torchao: library error",
+            "our note",
+        ]
+    else:  # -v: every warning, with Python's own format
+        assert "theirs" in proc.stderr and "torchao: library note" in proc.stderr
