@@ -54,19 +54,32 @@ def fsync_tree(path: str | Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, os.replace."""
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, os.replace.
+
+    A symlink is followed (its target is replaced, the link stays). A path that exists and is
+    not a regular file (a device such as /dev/stdout or /dev/full, a pipe) is written in place:
+    renaming over it would replace the device with a file. Errors name ``path``, not the temp file.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    target = Path(os.path.realpath(path))
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(target.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
