@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from kfm.config import ConfigError
-from kfm.console import NORMAL, QUIET, VERBOSE, set_verbosity
+from kfm.console import NORMAL, QUIET, VERBOSE, set_verbosity, verbosity
 from kfm_cli.errors import debug_requested, report
 from kfm_cli.output import quiet_libraries
 
@@ -210,6 +210,12 @@ def cmd_pack(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _progress(line: str) -> None:
+    """A line that `kfm -q` leaves out (checks that passed, intermediate results)."""
+    if verbosity() > QUIET:
+        print(line)
+
+
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from eval.run import evaluate_checkpoint
 
@@ -217,7 +223,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         args.checkpoint, batches=args.batches, data=args.data, tokenizer=args.tokenizer
     )
     note = result["tokenizer_check"]
-    print(note, file=sys.stderr if note.startswith("warning") else sys.stdout)
+    if note.startswith("warning"):
+        print(note, file=sys.stderr)
+    else:
+        _progress(note)
     print(
         f"checkpoint {result['checkpoint']}: validation loss {result['val_loss']:.4f} nats/token, "
         f"{result['val_bpb']:.4f} bits/byte over {result['val_tokens']:,} tokens"
@@ -266,9 +275,9 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     if check.unchecked is not None:
         print(f"export check: {note}", file=sys.stderr)
     else:
-        print(f"export check: {note}: ok")
+        _progress(f"export check: {note}: ok")
     if not args.verify:
-        print("export check: logits not compared with kfm's (--no-verify)")
+        _progress("export check: logits not compared with kfm's (--no-verify)")
     else:
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, min(64, cfg.data.seq_len)), generator=g)
@@ -276,9 +285,11 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
         # fp32 weights must reproduce kfm's logits; bf16 rounding of every weight moves them more.
         tol = 1e-4 if args.dtype == "fp32" else 5e-2
         verdict = "ok" if diff <= tol else "MISMATCH"
-        print(
-            f"export check: max |logits_kfm - logits_hf| = {diff:.2e} (tolerance {tol:.0e}): {verdict}"
-        )
+        line = f"export check: max |logits_kfm - logits_hf| = {diff:.2e} (tolerance {tol:.0e})"
+        if diff > tol:
+            print(f"{line}: {verdict}", file=sys.stderr)
+        else:
+            _progress(f"{line}: {verdict}")
         if diff > tol:
             return 1
     return 0

@@ -72,6 +72,7 @@ def quiet_libraries(level: int) -> None:
         return
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    _quiet_imported_libraries()
     warnings.simplefilter("ignore")
     warnings.filterwarnings("default", module=_OUR_MODULES)  # checked first: inserted last
     warnings.formatwarning = _one_line
@@ -83,3 +84,21 @@ def quiet_libraries(level: int) -> None:
         handler.kfm_console = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
+
+
+def _quiet_imported_libraries() -> None:
+    """The same settings for libraries imported before this ran (``main()`` called in-process,
+    e.g. from a notebook or a test), which read their environment variables at import only."""
+    if "transformers" in sys.modules and "TRANSFORMERS_VERBOSITY" not in _user_set:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules and "HF_HUB_DISABLE_PROGRESS_BARS" not in _user_set:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+_user_set = frozenset(k for k in _QUIET_ENV if k in os.environ)
+"""The variables the user set before kfm started (their values win over kfm's quiet defaults)."""

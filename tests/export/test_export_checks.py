@@ -100,3 +100,15 @@ def test_tokenizer_larger_than_the_model_is_refused(run_dir: Path, tmp_path: Pat
     assert code == 1 and "exported" not in out
     assert f"--tokenizer {big} has 1025 tokens but this checkpoint's model.vocab_size=1024" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_quiet_export_prints_only_its_result(
+    run_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("KFM_VERBOSITY", "0")  # restored after the test: -q sets it for children
+    out_dir = tmp_path / "hf"
+    code = main(["-q", "export", str(run_dir), str(out_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.splitlines() == [f"exported {run_dir / 'checkpoints' / STEP} -> {out_dir}"]
+    assert err == ""
