@@ -220,7 +220,10 @@ def pack(
             )
         if val_fraction > 0 and splits["val"]["n_docs"] == 0:
             log.warning(
-                "val split is empty: %d documents and val_fraction=%g; raise --val-fraction",
+                "%s (source %s): val split is empty: %d documents and val_fraction=%g; raise "
+                "--val-fraction",
+                out,
+                source_name,
                 n_docs,
                 val_fraction,
             )

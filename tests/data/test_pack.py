@@ -170,3 +170,11 @@ def test_license_defaults_to_the_documents_own_fields(tok_dir, tmp_path) -> None
     entry = m["sources"][0]
     assert entry["document_licenses"] == {"CC0": 6, "CC-BY-4.0": 3}
     assert entry["license"] == "CC0; CC-BY-4.0"
+
+
+def test_empty_val_split_warning_names_the_source(tmp_path, tok_dir, corpus, caplog) -> None:
+    out = tmp_path / "one"
+    with caplog.at_level("WARNING", logger="kfm.data.pack"):
+        pack(corpus[0][:1], tok_dir, out, source_name="tiny_src", val_fraction=0.001)
+    [record] = [r for r in caplog.records if "val split is empty" in r.getMessage()]
+    assert f"{out} (source tiny_src)" in record.getMessage()
