@@ -79,9 +79,10 @@ def test_tokenizer_model_vocab_mismatch_is_a_clear_error(tiny_sources, tmp_path,
 def test_checkpoint_from_another_config_is_refused(trained_run, capsys):
     config = (trained_run / "config.yaml").read_text()
     assert main(["train", str(trained_run / "config.yaml"), "--train.steps=30",
-                 "--model.d_model=96", "--model.n_heads=4"]) == 1  # fmt: skip
+                 "--model.d_model=96", "--model.n_heads=4"]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "model.d_model=64" in err and "model.d_model=96" in err
+    assert "model.d_model: 64 -> 96 (cannot change mid-run" in err
+    assert "--checkpoint.force_resume=true" in err
     assert (trained_run / "config.yaml").read_text() == config  # the refused config is not recorded
 
 
