@@ -298,12 +298,6 @@ def check_output_dir(
     where = f"{out}" if target == absolute else f"{out} (-> {target})"
     fix = f"choose another {flag}"
 
-    for given, path in _input_paths(inputs):
-        if relation := _relation(target, path):
-            raise OutputError(
-                f"{where} {relation} the input {given}: writing the {kind} there would delete or "
-                f"mix with what it reads; {fix}, outside the inputs"
-            )
     if what := _protected(target):
         raise OutputError(
             f"{where} is {what}; kfm never writes {_a(kind)} over it (--overwrite included); {fix}"
@@ -312,6 +306,13 @@ def check_output_dir(
         if (what := _protected(parent)) and what != "a training run directory":
             raise OutputError(
                 f"{where} lies inside {what} ({parent}); kfm never writes {_a(kind)} there; {fix}"
+            )
+    # After the run and checkpoint checks, whose reasons are the more specific ones.
+    for given, path in _input_paths(inputs):
+        if relation := _relation(target, path):
+            raise OutputError(
+                f"{where} {relation} the input {given}: writing the {kind} there would delete or "
+                f"mix with what it reads; {fix}, outside the inputs"
             )
 
     if target.exists() and not target.is_dir():

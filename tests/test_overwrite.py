@@ -227,7 +227,7 @@ def test_export_never_writes_over_the_run_or_its_checkpoints(run: Path, tiny_sou
     refused(capsys, export_args(run, ckpts, "--overwrite"), ckpts, "checkpoints folder")
     refused(capsys, export_args(run, step, "--overwrite"), step, "is a checkpoint directory")
     refused(capsys, export_args(run, step / "hf"), step / "hf", "lies inside a checkpoint")
-    refused(capsys, export_args(run, run.parent, "--overwrite"), run.parent, "not an export")
+    refused(capsys, export_args(run, run.parent, "--overwrite"), run.parent, "contains the input")
     assert tree(run.parent) == before
 
     # the run's tokenizer and a shard set it trained on

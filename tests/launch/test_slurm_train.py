@@ -221,7 +221,7 @@ def test_template_trains_and_finishes(
     job = Job.submit(cluster, tmp_path, args, doctor=True)
     info = job.wait_end()
     log = job.log()
-    assert "2 ranks: mesh" in log and "step      4 | loss" in log, log[-3000:]
+    assert "2 ranks: mesh" in log and "step 4/4 | loss" in log, log[-3000:]
     assert "doctor: all checks passed" in log, log[-3000:]
     assert "kfm: status finished at step 4 (-), srun exit 0: training finished" in log, log[-3000:]
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info

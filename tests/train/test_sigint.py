@@ -60,7 +60,7 @@ def start_and_wait_for_step(command: list[str], step: int, **popen) -> subproces
     )
     assert proc.stdout is not None
     for line in proc.stdout:
-        if line.startswith("step") and int(line.split()[1]) >= step:
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= step:
             return proc
     raise AssertionError(f"the run ended before step {step}: {proc.communicate()[1][-3000:]}")
 
