@@ -15,7 +15,7 @@ echo "          train the tokenizer on the result, pack shards, write DATA_CARD.
 kfm data run configs/data/quickstart.yaml --overwrite
 
 echo "== [2/5] train (validation bits/byte is printed at step 0 and at the end)"
-rm -rf "$run/checkpoints" "$run/metrics.jsonl" "$run/tb"
+rm -rf "$run/checkpoints" "$run/metrics.jsonl" "$run/tb" "$run/eval"  # the previous run's
 # train.yaml = configs/quickstart.yaml with the curated shard sets and the new tokenizer filled in
 kfm train "$run/data/train.yaml" --checkpoint.resume=never "$@"
 
