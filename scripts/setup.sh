@@ -17,15 +17,24 @@ fi
 . "$venv/bin/activate"
 stamp="$venv/.kfm-installed"
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
-  echo "[setup] installing torch 2.13.0 (CPU wheel) and kfm[$extras]"
-  python -m pip install -q --upgrade pip
+  log="$venv/kfm-install.log"
+  echo "[setup] installing torch 2.13.0 (CPU wheel) and kfm[$extras] (pip's output: $log)"
+  # pip's notes (index locations, build warnings) go to the log; a failure shows its end.
+  pip_install() {
+    if ! python -m pip install "$@" >>"$log" 2>&1; then
+      tail -n 40 "$log" >&2
+      echo "[setup] pip install $* failed; the whole output is in $log" >&2
+      return 1
+    fi
+  }
+  pip_install -q --upgrade pip
   # torch first and pinned: a bare `torch` requirement could resolve to a multi-GB CUDA build.
   # On a GPU machine, install the CUDA torch of your cluster first; this line then keeps it
   # only if it is 2.13.0, so set KFM_SKIP_TORCH=1 there.
   if [ -z "${KFM_SKIP_TORCH:-}" ]; then
-    python -m pip install -q "torch==2.13.0"
+    pip_install -q "torch==2.13.0"
   fi
-  python -m pip install -q -e "$repo[$extras]"
+  pip_install -q -e "$repo[$extras]"
   touch "$stamp"
 fi
 
