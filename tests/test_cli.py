@@ -299,3 +299,19 @@ def test_library_warnings_hidden_ours_in_one_line(level):
         ]
     else:  # -v: every warning, with Python's own format
         assert "theirs" in proc.stderr and "torchao: library note" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "fix"),
+    [
+        ("datatrove", "pip install -e '.[data]'"),
+        ("lm_eval", "pip install -e '.[eval]'"),
+        ("torchao.float8", "pip install -e '.[gpu]'"),
+        ("torch", "activate kfm's environment (.venv) or reinstall with `pip install -e .`"),
+    ],
+)
+def test_a_missing_module_names_the_extra_that_installs_it(module, fix):
+    from kfm_cli.errors import classify
+
+    failure = classify(ModuleNotFoundError(f"No module named '{module}'", name=module))
+    assert fix in failure.message and not failure.bug
