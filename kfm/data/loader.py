@@ -182,6 +182,11 @@ class PackedLoader:
         return self._sets[0].tokenizer_hash
 
     @property
+    def manifests(self) -> dict[str, dict]:
+        """Each source's shard-set manifest, as checked when the loader opened it, by name."""
+        return {src.name: ss.manifest for src, ss in zip(self.sources, self._sets, strict=True)}
+
+    @property
     def vocab_size(self) -> int:
         """Largest vocab_size over the sources' manifests."""
         return max(ss.vocab_size for ss in self._sets)

@@ -58,6 +58,27 @@ def _short(h: str) -> str:
     return h[:12]
 
 
+def training_fit_problem(
+    path: str | Path, n_tokens: int, digest: str, *, vocab_size: int, shard_hashes: dict[str, str]
+) -> str | None:
+    """Why the tokenizer at ``path`` (``n_tokens`` tokens, hash ``digest``) cannot train a model
+    of ``vocab_size`` rows on shard sets that record ``shard_hashes`` ({source: tokenizer hash}),
+    naming the fix; None when it can. `kfm train` raises it, `kfm train --dry-run` reports it."""
+    if n_tokens > vocab_size:
+        return (
+            f"tokenizer {path} has {n_tokens} tokens but model.vocab_size={vocab_size} (set "
+            f"--model.vocab_size to at least {n_tokens})"
+        )
+    other = sorted(name for name, h in shard_hashes.items() if h != digest)
+    if other:
+        return (
+            f"tokenizer.path={path} is not the tokenizer the shards of {', '.join(other)} were "
+            "packed with: re-run `kfm pack` with it or point --tokenizer.path at the one used for "
+            "packing"
+        )
+    return None
+
+
 def checkpoint_tokenizer_hash(checkpoint: str | Path, config: Config) -> tuple[str, str] | None:
     """The hash of the tokenizer ``checkpoint`` (a step dir) was trained with, and its file.
 

@@ -18,6 +18,7 @@ from kfm.config import Config
 from kfm.data.shards import ShardError, ShardSet, load_manifest
 from kfm.tokenizer import load_tokenizer, tokenizer_hash
 from kfm.tokenizer.core import TokenizerNotFoundError
+from kfm.tokenizer.identity import training_fit_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,21 +104,11 @@ def _tokenizer_check(cfg: Config, shard_hashes: dict[str, str]) -> Check:
         return Check("tokenizer", False, str(e))  # names the path and the fix
     except (OSError, TypeError, ValueError) as e:
         return Check("tokenizer", False, f"{path} cannot be loaded ({e}); set --tokenizer.path")
-    if len(tok) > cfg.model.vocab_size:
-        return Check(
-            "tokenizer",
-            False,
-            f"{path} has {len(tok)} tokens but model.vocab_size={cfg.model.vocab_size} (set "
-            f"--model.vocab_size to at least {len(tok)})",
-        )
-    other = sorted(name for name, h in shard_hashes.items() if h != digest)
-    if other:
-        return Check(
-            "tokenizer",
-            False,
-            f"{path} is not the tokenizer the shards of {', '.join(other)} were packed with: "
-            "re-run `kfm pack` with it or point --tokenizer.path at the one used for packing",
-        )
+    problem = training_fit_problem(
+        path, len(tok), digest, vocab_size=cfg.model.vocab_size, shard_hashes=shard_hashes
+    )
+    if problem:
+        return Check("tokenizer", False, problem)
     return Check("tokenizer", True, f"{path}: {len(tok):,} tokens, sha256 {digest[:12]}")
 
 

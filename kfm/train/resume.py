@@ -42,54 +42,42 @@ from kfm.checkpoint import (
     resume_candidates,
 )
 from kfm.checkpoint.stepdir import MANIFEST
-from kfm.config import Config, ConfigError, DataSourceConfig, to_dict
+from kfm.config import Config, ConfigError, to_dict
 from kfm.data import PackedLoader
-from kfm.data.shards import MANIFEST_NAME, ShardError
 from kfm.train.backends import Backend
 from kfm.train.dist import WorldInfo, broadcast_from_rank0
 
 Kind = Literal["applies", "schedule", "refused"]
 
 
-def shard_set_fingerprint(path: str | Path) -> str:
+def shard_set_fingerprint(manifest: dict[str, Any]) -> str:
     """sha256 over what defines a shard set's content: its tokenizer hash, vocab size and, per
-    split, every file's name and sha256 (from its ``manifest.json``; no shard is read).
+    split, every file's name and sha256, from its checked ``manifest.json`` (no shard is read).
 
     Re-packing the same documents with the same tokenizer gives the same fingerprint (the
     manifest's creation time is left out); any changed token changes it.
-
-    Raises:
-        ShardError: no readable ``manifest.json`` in ``path``.
     """
-    manifest_path = Path(path) / MANIFEST_NAME
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        content = {
-            "tokenizer_hash": manifest["tokenizer_hash"],
-            "vocab_size": manifest["vocab_size"],
-            "splits": {
-                split: [
-                    [f["bin"], f["sha256_bin"], f["idx"], f["sha256_idx"]] for f in entry["files"]
-                ]
-                for split, entry in sorted(manifest["splits"].items())
-            },
-        }
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardError(
-            f"{manifest_path} is not a readable shard-set manifest ({e}); re-run `kfm pack`"
-        ) from e
+    content = {
+        "tokenizer_hash": manifest["tokenizer_hash"],
+        "vocab_size": manifest["vocab_size"],
+        "splits": {
+            split: [[f["bin"], f["sha256_bin"], f["idx"], f["sha256_idx"]] for f in entry["files"]]
+            for split, entry in sorted(manifest["splits"].items())
+        },
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def data_fingerprint(sources: list[DataSourceConfig]) -> dict[str, str]:
-    """``{source name: shard_set_fingerprint(source.path)}`` for every data source."""
-    return {s.name: shard_set_fingerprint(s.path) for s in sources}
-
-
-def manifest_identity(*, tokenizer_hash: str, sources: list[DataSourceConfig]) -> dict[str, Any]:
+def manifest_identity(loader: PackedLoader) -> dict[str, Any]:
     """The keys training adds to every checkpoint manifest: ``tokenizer_hash`` and
-    ``data_fingerprint``."""
-    return {"tokenizer_hash": tokenizer_hash, "data_fingerprint": data_fingerprint(sources)}
+    ``data_fingerprint`` (``{source name: shard_set_fingerprint}``), from the manifests the loader
+    already opened."""
+    return {
+        "tokenizer_hash": loader.tokenizer_hash,
+        "data_fingerprint": {
+            name: shard_set_fingerprint(m) for name, m in loader.manifests.items()
+        },
+    }
 
 
 # -- what changed since the checkpoint -----------------------------------------------------------

@@ -24,6 +24,7 @@ from kfm.config import Config, ConfigError
 from kfm.data import PackedLoader, validation_batches
 from kfm.data.verify import raise_verify_errors, verification_share, verify_shard_sets
 from kfm.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
+from kfm.tokenizer.identity import training_fit_problem
 from kfm.train.backends import Backend, build_backend
 from kfm.train.callbacks import (
     Callback,
@@ -184,7 +185,7 @@ def _train_locked(
         tok = check_tokenizer(cfg, loader)
         # Recorded in every checkpoint manifest: kfm eval/export check the tokenizer against it,
         # and a resume refuses shards whose content changed under the same path.
-        identity = manifest_identity(tokenizer_hash=loader.tokenizer_hash, sources=cfg.data.sources)
+        identity = manifest_identity(loader)
         backend.manifest_extra.update(identity)
         try:
             resumed = resume(cfg, backend, loader, world, identity)
@@ -346,20 +347,18 @@ def seed_everything(seed: int, *, deterministic: bool) -> None:
 def check_tokenizer(cfg: Config, loader: PackedLoader) -> Any:
     """Load the tokenizer and check it is the one the shards were packed with and fits the model."""
     tok = load_tokenizer(cfg.tokenizer.path)
-    if len(tok) > cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {cfg.tokenizer.path} has {len(tok)} tokens but model.vocab_size="
-            f"{cfg.model.vocab_size} (set --model.vocab_size to at least {len(tok)})"
-        )
+    problem = training_fit_problem(
+        cfg.tokenizer.path,
+        len(tok),
+        tokenizer_hash(cfg.tokenizer.path),
+        vocab_size=cfg.model.vocab_size,
+        shard_hashes={name: m["tokenizer_hash"] for name, m in loader.manifests.items()},
+    )
+    if problem:
+        raise ConfigError(problem)
     if loader.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"shards hold token ids up to vocab {loader.vocab_size} > model.vocab_size="
             f"{cfg.model.vocab_size} (set --model.vocab_size to at least {loader.vocab_size})"
-        )
-    if tokenizer_hash(cfg.tokenizer.path) != loader.tokenizer_hash:
-        raise ConfigError(
-            f"the shards in data.sources were packed with a different tokenizer than "
-            f"tokenizer.path={cfg.tokenizer.path}: re-run `kfm pack` with this tokenizer or point "
-            "--tokenizer.path at the one used for packing"
         )
     return tok

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import tiny_overrides
+from tests.parallel.harness import losses
 from tests.slurm_cluster import (
     REQUEUE_DELAY,
     SlurmCluster,
@@ -73,16 +74,6 @@ def train_args(
         "--eval.interval=0",
         *extra,
     ]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a step logged twice (re-run after a resume): later wins."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ class Run:
 
     def losses(self) -> dict[int, float]:
         """step -> training loss (a step logged twice keeps the later line)."""
-        return {r["step"]: r["loss"] for r in self.records() if "loss" in r}
+        return losses(self.run_dir)
 
     def val_losses(self) -> dict[int, float]:
         """step -> validation loss."""
@@ -49,6 +49,13 @@ class Run:
         for path in sorted(self.trace_dir.glob("batches_rank*.jsonl")):
             out += [json.loads(line) for line in path.read_text().splitlines()]
         return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from ``run_dir/metrics.jsonl``; a step logged twice (re-run after a
+    resume) keeps the later line."""
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 _CACHE: dict[tuple, Run] = {}

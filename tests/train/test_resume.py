@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from kfm.checkpoint import find_latest_valid, load_model_state
 from tests.conftest import REPO, tiny_overrides
+from tests.parallel.harness import losses
 
 STEPS, CKPT_EVERY, KILL_AT = 20, 10, 13
 
@@ -31,16 +30,6 @@ def run_train(overrides: list[str]):
         "--eval.interval=0",
     ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before a crash and after resume) keeps the later line."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def test_sigkill_and_auto_resume_is_bitwise_exact(tiny_sources, tmp_path):

@@ -18,6 +18,7 @@ import torch
 
 from kfm.checkpoint import CheckpointError, read_manifest
 from kfm.config import ConfigError, load_config
+from kfm.data.shards import load_manifest
 from kfm.tokenizer import tokenizer_hash
 from kfm.train.backends.fsdp import FSDPBackend
 from kfm.train.dist import WorldInfo
@@ -65,7 +66,7 @@ def test_checkpoint_manifest_records_tokenizer_and_data(straight, tiny_sources) 
     manifest = read_manifest(straight / "checkpoints" / f"step_{CKPT_AT:06d}")
     assert manifest["tokenizer_hash"] == tokenizer_hash(TOKENIZER)
     assert manifest["data_fingerprint"] == {
-        s["name"]: shard_set_fingerprint(s["path"]) for s in tiny_sources
+        s["name"]: shard_set_fingerprint(load_manifest(s["path"])) for s in tiny_sources
     }
     assert len(set(manifest["data_fingerprint"].values())) == len(tiny_sources)
 

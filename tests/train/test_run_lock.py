@@ -16,19 +16,12 @@ from kfm.checkpoint import validate_checkpoint
 from kfm.train import lock as lock_mod
 from kfm.train.lock import LOCK_FILE, RunLock, RunLockedError
 from kfm.train.status import read_status
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO
+from tests.parallel.harness import train_command
 
 
 def train_cmd(sources: list[dict], root: Path, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "kfm_cli",
-        "train",
-        "configs/tiny.yaml",
-        *tiny_overrides(sources, root, name),
-        *extra,
-    ]
+    return train_command(sources, root, name, nproc=0, args=extra)
 
 
 def test_second_trainer_on_the_same_run_refuses_and_the_first_is_intact(

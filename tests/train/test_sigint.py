@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,35 +15,17 @@ from kfm.checkpoint import find_latest_valid
 from kfm.train import signals
 from kfm.train.signals import StopRequest
 from kfm.train.status import read_status
-from tests.conftest import REPO, tiny_overrides
-from tests.parallel.harness import train_command
+from tests.conftest import REPO
+from tests.parallel.harness import losses, train_command
 
 STEPS = 12
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def cmd(sources: list[dict], root: Path, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "kfm_cli",
-        "train",
-        "configs/tiny.yaml",
-        *tiny_overrides(sources, root, name),
-        f"--train.steps={STEPS}",
-        "--checkpoint.interval=0",  # only the stop (or the end) saves
-        "--eval.interval=0",
-        *extra,
-    ]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+    # --checkpoint.interval=0: only the stop (or the end) saves
+    args = (f"--train.steps={STEPS}", "--checkpoint.interval=0", "--eval.interval=0", *extra)
+    return train_command(sources, root, name, nproc=0, args=args)
 
 
 def start_and_wait_for_step(command: list[str], step: int, **popen) -> subprocess.Popen:
