@@ -131,7 +131,7 @@ def _is_empty_dir(path: Path) -> bool:
 
 # ---- which directories a writer may replace -------------------------------------------------
 
-OutputKind = Literal["shard set", "tokenizer", "export", "data run"]
+OutputKind = Literal["shard set", "tokenizer", "export", "data run", "report"]
 
 # The files by which kfm recognises its own outputs and the directories it protects. They are
 # the writers' own names (kfm.data.shards, kfm.tokenizer.core, kfm.export.hf, kfm.checkpoint,
@@ -143,6 +143,7 @@ TOKENIZER_MARKER = "kfm_tokenizer.json"
 EXPORT_MARKER = "kfm_export.json"
 EXPORT_FORMAT = "kfm-export"
 DATA_RUN_MARKER = "pipeline.yaml"
+REPORT_MARKER = "kfm_report.json"
 RUN_CONFIG = "config.yaml"
 RUN_STATUS = "status.json"
 CHECKPOINTS = "checkpoints"
@@ -152,6 +153,7 @@ _RECOGNISED_BY: dict[str, str] = {
     "tokenizer": f"{TOKENIZER_MARKER} beside tokenizer.json",
     "export": f"{EXPORT_MARKER}",
     "data run": f"{DATA_RUN_MARKER}",
+    "report": f"{REPORT_MARKER}",
 }
 
 
@@ -198,7 +200,8 @@ def output_kind(path: str | Path) -> OutputKind | None:
 
     shard set: ``manifest.json`` of format "kfm-shards"; tokenizer: ``kfm_tokenizer.json`` beside
     ``tokenizer.json``; export: ``kfm_export.json`` (or, for exports made before it existed,
-    config.json with kfm's model card); data run: ``pipeline.yaml`` of a `kfm data run`.
+    config.json with kfm's model card); data run: ``pipeline.yaml`` of a `kfm data run`; report:
+    ``kfm_report.json`` of a `kfm report`.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -217,6 +220,8 @@ def output_kind(path: str | Path) -> OutputKind | None:
         return "tokenizer"
     if _is_data_run(folder):
         return "data run"
+    if isinstance(_read_json(folder / REPORT_MARKER), dict):
+        return "report"
     return None
 
 
