@@ -131,7 +131,7 @@ def _is_empty_dir(path: Path) -> bool:
 
 # ---- which directories a writer may replace -------------------------------------------------
 
-OutputKind = Literal["shard set", "tokenizer", "export", "data run", "report"]
+OutputKind = Literal["shard set", "tokenizer", "export", "data run", "report", "import"]
 
 # The files by which kfm recognises its own outputs and the directories it protects. They are
 # the writers' own names (kfm.data.shards, kfm.tokenizer.core, kfm.export.hf, kfm.checkpoint,
@@ -142,6 +142,8 @@ CHECKPOINT_FORMAT = "kfm-checkpoint"
 TOKENIZER_MARKER = "kfm_tokenizer.json"
 EXPORT_MARKER = "kfm_export.json"
 EXPORT_FORMAT = "kfm-export"
+IMPORT_MARKER = "kfm_import.json"
+IMPORT_FORMAT = "kfm-import"
 DATA_RUN_MARKER = "pipeline.yaml"
 REPORT_MARKER = "kfm_report.json"
 RUN_CONFIG = "config.yaml"
@@ -154,6 +156,7 @@ _RECOGNISED_BY: dict[str, str] = {
     "export": f"{EXPORT_MARKER}",
     "data run": f"{DATA_RUN_MARKER}",
     "report": f"{REPORT_MARKER}",
+    "import": f"{IMPORT_MARKER}",
 }
 
 
@@ -201,7 +204,7 @@ def output_kind(path: str | Path) -> OutputKind | None:
     shard set: ``manifest.json`` of format "kfm-shards"; tokenizer: ``kfm_tokenizer.json`` beside
     ``tokenizer.json``; export: ``kfm_export.json`` (or, for exports made before it existed,
     config.json with kfm's model card); data run: ``pipeline.yaml`` of a `kfm data run`; report:
-    ``kfm_report.json`` of a `kfm report`.
+    ``kfm_report.json`` of a `kfm report`; import: ``kfm_import.json`` of a `kfm import-hf`.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -222,6 +225,9 @@ def output_kind(path: str | Path) -> OutputKind | None:
         return "data run"
     if isinstance(_read_json(folder / REPORT_MARKER), dict):
         return "report"
+    marker = _read_json(folder / IMPORT_MARKER)
+    if isinstance(marker, dict) and marker.get("format") == IMPORT_FORMAT:
+        return "import"
     return None
 
 
@@ -338,6 +344,8 @@ def check_output_dir(
     # A kfm output of the right kind: still never one that holds a run or checkpoint, or an
     # input (checked above by path), since replacing it deletes everything below it.
     for dirpath, _, _ in os.walk(target):
+        if kind == "import" and Path(dirpath).is_relative_to(target / CHECKPOINTS):
+            continue  # an import's own checkpoint (kfm import-hf) is part of what it replaces
         if what := _protected(Path(dirpath)):
             raise OutputError(f"{where} contains {what} ({dirpath}); kfm never deletes it; {fix}")
     if not overwrite:

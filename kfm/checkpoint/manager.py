@@ -132,6 +132,7 @@ def save_checkpoint(
     config: dict[str, Any],
     keep_last: int = 0,
     group: Any = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Save model, optimizer and trainer state as ``root/step_XXXXXX`` and point ``latest`` at it,
     synchronously (see `Checkpointer` for the asynchronous save the training loop uses).
@@ -140,7 +141,8 @@ def save_checkpoint(
     `kfm.checkpoint.stepdir.PendingSave`: write into ``step_XXXXXX.tmp-<pid>/``, each rank
     hashes the files it wrote, rank 0 writes the manifest last and renames the dir into place.
     ``trainer_state`` is anything torch.save can pickle; the RNG states are added under "rng".
-    ``config`` is the resolved config as a JSON-serialisable dict (it goes into the manifest).
+    ``config`` is the resolved config as a JSON-serialisable dict (it goes into the manifest);
+    ``manifest_extra``: more top-level manifest keys (JSON values), as in `Checkpointer.save`.
 
     Returns:
         The final step directory.
@@ -166,7 +168,7 @@ def save_checkpoint(
         return pending.finalize(
             config=config,
             keep_last=keep_last,
-            manifest_extra={"has_optimizer": optimizer is not None},
+            manifest_extra={**(manifest_extra or {}), "has_optimizer": optimizer is not None},
         )
     except BaseException:
         pending.abort()
