@@ -50,7 +50,7 @@ import sys
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfm.data.readers import ReaderError, Rejection, json_lines
@@ -316,6 +316,151 @@ def scrub(text: str, *, types: Iterable[str] | None = None) -> tuple[str, Counte
         pos = span.end
     parts.append(text[pos:])
     return "".join(parts), counts
+
+
+def mask_shape(text: str) -> str:
+    """``text`` with every digit replaced by ``#`` and every letter by ``x``; punctuation kept.
+
+    Shows a span's form (``###-####-####``, ``xxxx##@xxxxxxx.xxx``) without its value.
+    """
+    return "".join("#" if c.isdigit() else "x" if c.isalpha() else c for c in text)
+
+
+@dataclass(frozen=True)
+class PIIExample:
+    """One found span for a human to judge, with the value masked (`PIIAudit.examples`).
+
+    ``context`` is the span's shape (`mask_shape`) between ``[[`` and ``]]``, with up to
+    ``context_chars`` characters of text either side in which every digit is ``#`` and every
+    other PII span is masked too. ``document`` is the index of the text in the audited iterable.
+    """
+
+    type: str
+    document: int
+    context: str
+
+
+@dataclass
+class PIIAudit:
+    """What `audit` found in a set of documents (counts only, plus masked examples)."""
+
+    types: tuple[str, ...]
+    """The PII types looked for."""
+    documents: int = 0
+    """Documents scanned."""
+    characters: int = 0
+    """Characters (code points) scanned."""
+    spans: dict[str, int] = field(default_factory=dict)
+    """PII type -> spans found (every type in ``types``, zeros included)."""
+    documents_with: dict[str, int] = field(default_factory=dict)
+    """PII type -> documents holding at least one span of that type."""
+    documents_with_pii: int = 0
+    """Documents holding at least one span of any type."""
+    examples: list[PIIExample] = field(default_factory=list)
+    """The first few spans of each type, masked (never the raw value)."""
+
+    @property
+    def total_spans(self) -> int:
+        """Spans of all types."""
+        return sum(self.spans.values())
+
+    def spans_per_million_characters(self) -> dict[str, float]:
+        """PII type -> spans per 10^6 characters scanned (0.0 when nothing was scanned)."""
+        return {
+            t: n * 1e6 / self.characters if self.characters else 0.0 for t, n in self.spans.items()
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict of every field, plus ``spans_per_million_characters``."""
+        return {
+            "types": list(self.types),
+            "documents": self.documents,
+            "characters": self.characters,
+            "spans": dict(self.spans),
+            "total_spans": self.total_spans,
+            "documents_with": dict(self.documents_with),
+            "documents_with_pii": self.documents_with_pii,
+            "spans_per_million_characters": self.spans_per_million_characters(),
+            "examples": [
+                {"type": e.type, "document": e.document, "context": e.context}
+                for e in self.examples
+            ],
+        }
+
+    def markdown(self) -> str:
+        """A Markdown table (type, spans, documents, spans per 10^6 characters) and a summary line."""
+        rate = self.spans_per_million_characters()
+        lines = [
+            f"PII audit: {self.documents} documents, {self.characters} characters; "
+            f"{self.documents_with_pii} documents with PII, {self.total_spans} spans.",
+            "",
+            "| type | spans | documents | per 10^6 chars |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {t} | {self.spans[t]} | {self.documents_with[t]} | {rate[t]:.2f} |"
+            for t in self.types
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _masked_context(text: str, spans: list[PIISpan], i: int, context_chars: int) -> str:
+    span = spans[i]
+    lo, hi = max(0, span.start - context_chars), min(len(text), span.end + context_chars)
+    # Mask whole spans that cross the window's edges before cutting, so no part of a value shows.
+    for sp in spans:
+        if sp.start < lo < sp.end:
+            lo = sp.start
+        if sp.start < hi < sp.end:
+            hi = sp.end
+    parts, pos = [], lo
+    for j, sp in enumerate(spans):
+        if sp.end <= lo or sp.start >= hi:
+            continue
+        parts.append(re.sub(r"\d", "#", text[pos : sp.start]))
+        shape = mask_shape(sp.text)
+        parts.append(f"[[{shape}]]" if j == i else PLACEHOLDERS[sp.type])
+        pos = sp.end
+    parts.append(re.sub(r"\d", "#", text[pos:hi]))
+    return "".join(parts).replace("\n", " ")
+
+
+def audit(
+    texts: Iterable[str],
+    *,
+    types: Iterable[str] | None = None,
+    examples_per_type: int = 3,
+    context_chars: int = 30,
+) -> PIIAudit:
+    """Count the PII left in ``texts`` (e.g. a sample of a scrubbed corpus before its release).
+
+    Streams ``texts`` once, keeping only counts and the first ``examples_per_type`` spans of each
+    type as masked `PIIExample`s: the audit itself never holds or returns a raw value. ``types``
+    as in :func:`find_pii` (default all). Raises ``ValueError`` on an unknown type.
+    """
+    wanted = tuple(dict.fromkeys(PII_TYPES if types is None else types))
+    if unknown := set(wanted) - set(PII_TYPES):
+        raise ValueError(f"unknown PII types {sorted(unknown)}; known: {list(PII_TYPES)}")
+    result = PIIAudit(
+        types=wanted, spans=dict.fromkeys(wanted, 0), documents_with=dict.fromkeys(wanted, 0)
+    )
+    shown: Counter[str] = Counter()
+    for doc, text in enumerate(texts):
+        spans = find_pii(text, types=wanted)
+        result.documents += 1
+        result.characters += len(text)
+        if spans:
+            result.documents_with_pii += 1
+        for t in {sp.type for sp in spans}:
+            result.documents_with[t] += 1
+        for i, sp in enumerate(spans):
+            result.spans[sp.type] += 1
+            if shown[sp.type] < examples_per_type:
+                shown[sp.type] += 1
+                result.examples.append(
+                    PIIExample(sp.type, doc, _masked_context(text, spans, i, context_chars))
+                )
+    return result
 
 
 def pii_report(in_path: str | Path, out_path: str | Path | None = None) -> dict[str, int]:

@@ -14,6 +14,7 @@ from data_pipeline.pii import (
     PII_TYPES,
     PLACEHOLDERS,
     PIISpan,
+    audit,
     find_pii,
     luhn_ok,
     pii_report,
@@ -298,3 +299,54 @@ def test_scrubber_without_datatrove_names_the_extra():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert "pip install 'kfm[data]'" in out.stdout
+
+
+# ---- the audit (kfm release) ----
+
+
+def test_audit_counts_and_masks_every_value():
+    phone, mail, rrn = "010-0000-1234", "kim.minsu@example.com", "201015-3987654"
+    texts = [
+        f"보호자 {phone}, 메일 {mail}, 주민번호 {rrn}, 외래 2024-01-15 10:30 방문.",
+        "HbA1c 6.5% on 2024-01-15, no personal data.",
+        f"Second call to {phone} at 10:30.",
+    ]
+    result = audit(iter(texts), examples_per_type=1, context_chars=12)
+    assert (result.documents, result.characters) == (3, sum(map(len, texts)))
+    assert result.spans == {**dict.fromkeys(PII_TYPES, 0), "phone": 2, "email": 1, "rrn": 1}
+    assert result.documents_with == {
+        **dict.fromkeys(PII_TYPES, 0),
+        "phone": 2,
+        "email": 1,
+        "rrn": 1,
+    }
+    assert result.documents_with_pii == 2 and result.total_spans == 4
+    assert [(e.type, e.document) for e in result.examples] == [
+        ("phone", 0),
+        ("email", 0),
+        ("rrn", 0),
+    ]
+    assert result.examples[0].context == "보호자 [[###-####-####]], 메일 <|email|>"
+    assert result.examples[2].context == "<|email|>, 주민번호 [[######-#######]], 외래 ####-##"
+    dumped = json.dumps(result.to_dict(), ensure_ascii=False) + result.markdown()
+    for value in (phone, mail, rrn, "0000", "1234", "kim", "3987654"):
+        assert value not in dumped
+    assert result.to_dict()["spans_per_million_characters"]["phone"] == pytest.approx(
+        2e6 / result.characters
+    )
+    assert "| phone | 2 | 2 |" in result.markdown()
+
+
+def test_audit_types_and_empty_input():
+    result = audit(["mail a@example.com, phone 010-0000-1234"], types=["email"])
+    assert result.types == ("email",) and result.spans == {"email": 1}
+    empty = audit([])
+    assert empty.documents == 0 and empty.spans_per_million_characters()["email"] == 0.0
+    with pytest.raises(ValueError, match="unknown PII types"):
+        audit([], types=["ssn"])
+
+
+def test_audit_masks_a_neighbour_cut_by_the_context_window():
+    # The email's context window ends inside the phone number: the whole phone is masked.
+    result = audit(["a@example.com 010-0000-1234"], types=["email", "phone"], context_chars=5)
+    assert result.examples[0].context == "[[x@xxxxxxx.xxx]] <|phone|>"
