@@ -131,7 +131,7 @@ def _is_empty_dir(path: Path) -> bool:
 
 # ---- which directories a writer may replace -------------------------------------------------
 
-OutputKind = Literal["shard set", "tokenizer", "export", "data run", "report", "import"]
+OutputKind = Literal["shard set", "tokenizer", "export", "data run", "report", "import", "release"]
 
 # The files by which kfm recognises its own outputs and the directories it protects. They are
 # the writers' own names (kfm.data.shards, kfm.tokenizer.core, kfm.export.hf, kfm.checkpoint,
@@ -144,6 +144,8 @@ EXPORT_MARKER = "kfm_export.json"
 EXPORT_FORMAT = "kfm-export"
 IMPORT_MARKER = "kfm_import.json"
 IMPORT_FORMAT = "kfm-import"
+RELEASE_MARKER = "kfm_release.json"
+RELEASE_FORMAT = "kfm-release"
 DATA_RUN_MARKER = "pipeline.yaml"
 REPORT_MARKER = "kfm_report.json"
 RUN_CONFIG = "config.yaml"
@@ -157,6 +159,7 @@ _RECOGNISED_BY: dict[str, str] = {
     "data run": f"{DATA_RUN_MARKER}",
     "report": f"{REPORT_MARKER}",
     "import": f"{IMPORT_MARKER}",
+    "release": f"{RELEASE_MARKER}",
 }
 
 
@@ -204,13 +207,17 @@ def output_kind(path: str | Path) -> OutputKind | None:
     shard set: ``manifest.json`` of format "kfm-shards"; tokenizer: ``kfm_tokenizer.json`` beside
     ``tokenizer.json``; export: ``kfm_export.json`` (or, for exports made before it existed,
     config.json with kfm's model card); data run: ``pipeline.yaml`` of a `kfm data run`; report:
-    ``kfm_report.json`` of a `kfm report`; import: ``kfm_import.json`` of a `kfm import-hf`.
+    ``kfm_report.json`` of a `kfm report`; import: ``kfm_import.json`` of a `kfm import-hf`;
+    release: ``kfm_release.json`` of a `kfm release`.
     """
     folder = Path(path)
     if not folder.is_dir():
         return None
     if _manifest_format(folder) == SHARDS_FORMAT:
         return "shard set"
+    marker = _read_json(folder / RELEASE_MARKER)
+    if isinstance(marker, dict) and marker.get("format") == RELEASE_FORMAT:
+        return "release"
     marker = _read_json(folder / EXPORT_MARKER)
     if (isinstance(marker, dict) and marker.get("format") == EXPORT_FORMAT) or _is_legacy_export(
         folder
