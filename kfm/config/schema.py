@@ -203,6 +203,11 @@ class CheckpointConfig:
     """Resume even where the config or the data differ from the checkpoint's in ways that cannot
     apply mid-run (model.*, data.seq_len/seed/sources, train.seed, parallel.backend, the tokenizer,
     shards re-packed under the same path); every difference is still listed in the log."""
+    init_from: str = ""
+    """Start a new run from these model weights only: a `kfm import-hf` folder, a run dir or a
+    checkpoint step dir. Optimizer, schedule and data order start fresh at step 0; model.* must
+    match the weights' architecture and the data must be packed with their tokenizer. A run
+    that has a checkpoint of its own resumes from that instead. Empty: random init."""
 
 
 @dataclass(kw_only=True, slots=True)

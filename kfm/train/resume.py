@@ -215,7 +215,7 @@ class Resumed:
 
     def log_lines(self) -> list[str]:
         if self.path is None:
-            return []
+            return self.notes  # a fresh start (checkpoint.init_from says where it started from)
         lines = [f"resumed from {self.path} at step {self.step}"]
         if self.changes:
             lines.append(f"config changes since the checkpoint ({len(self.changes)}):")
@@ -274,6 +274,11 @@ def resume(
     if path is None:
         return Resumed()
     manifest = read_manifest(path)
+    if not manifest.get("has_optimizer", True):
+        raise ConfigError(
+            f"{path} holds model weights only (e.g. a `kfm import-hf` folder), nothing to resume: "
+            f"start a new run from it with --checkpoint.init_from={path}"
+        )
     step = int(manifest["step"])
     if step >= cfg.train.steps:
         raise NothingToDo(

@@ -47,6 +47,7 @@ from kfm.train.dist import (
 )
 from kfm.train.guard import BadStepsError
 from kfm.train.health import StragglerReport, Watchdog, apply_nccl_debug_env
+from kfm.train.init_from import init_from_weights
 from kfm.train.lock import RunLock, RunLockedError
 from kfm.train.loggers import MetricLogger
 from kfm.train.resume import NothingToDo, manifest_identity, resume
@@ -189,6 +190,8 @@ def _train_locked(
         backend.manifest_extra.update(identity)
         try:
             resumed = resume(cfg, backend, loader, world, identity)
+            if resumed.path is None and cfg.checkpoint.init_from:
+                resumed.notes += init_from_weights(cfg, backend, world, identity)
         except NothingToDo as e:
             ok = True
             return {"run_dir": str(run_dir), "nothing_to_do": str(e)}
