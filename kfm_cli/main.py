@@ -1,4 +1,4 @@
-"""`kfm` command line: train, doctor, tokenizer, pack, eval, export, data.
+"""`kfm` command line: train, doctor, tokenizer, pack, eval, export, report, data.
 
 The CLI is the composition root: it may import every package (kfm, eval, data_pipeline), and
 nothing imports it.
@@ -295,6 +295,18 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
+    from eval.report import write_report
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels is not None else None
+    report = write_report(args.run_dirs, out=args.out, labels=labels)
+    for skipped in report.skipped:
+        _progress(f"not drawn: {skipped.title} ({skipped.reason})")
+    again = " (replaced the earlier report)" if report.replaced else ""
+    print(f"report: {report.report} with {len(report.plots)} plot(s){again}")
+    return 0
+
+
 def cmd_data_pii_report(args: argparse.Namespace, overrides: list[str]) -> int:
     from data_pipeline.pii import pii_report
 
@@ -520,6 +532,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip loading the export with transformers and comparing logits",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "report",
+        help="plots and report.md comparing training runs",
+        description="Plot training loss, lr, grad norm, throughput, validation bits/byte and "
+        "benchmark scores against tokens seen, several runs overlaid, and write report.md: runs "
+        "and compute (device-hours, FLOPs), config differences, scores with 95%% intervals, "
+        "data. An earlier report in the output folder is replaced; any other folder is refused.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
+    p.add_argument("--out", default=None, help="report folder (default: FIRST_RUN_DIR/report)")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="legend names of the runs, comma-separated in RUN_DIR order (default: folder names)",
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "data",

@@ -31,6 +31,7 @@ SURFACE = {
     ],
     "eval": ["--batches", "--data", "--tokenizer", "checkpoint"],
     "export": ["--dtype", "--no-verify", "--overwrite", "--tokenizer", "checkpoint", "out_dir"],
+    "report": ["--labels", "--out", "run_dirs"],
     "data pii-report": ["--output", "input"],
     "data run": ["--dry-run", "--executor", "--overwrite", "config"],
     "data card": ["--output", "run_dir"],
