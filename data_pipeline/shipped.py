@@ -39,8 +39,12 @@ UNKNOWN_LICENSE = "unknown"
 """License of a document whose input, record and adapter state none."""
 NO_GRANT = "unknown (no license stated; research use only)"
 """OHSUMED's license value: no redistribution grant, so license filters must treat it as unknown."""
-EVAL_FOLDERS = frozenset(EVAL_SETS) | {Path(s.path).parts[0] for s in EVAL_SETS.values()}
-"""Shared-data folders and names of evaluation sets; never readable as pretraining input."""
+EVAL_FOLDERS = frozenset(EVAL_SETS) | {
+    Path(s.path).parts[0] for s in EVAL_SETS.values() if s.exclusive_folder
+}
+"""Shared-data folders and names of evaluation sets; never readable as pretraining input (folders
+that also hold pretraining text, e.g. klue_dev/ beside KLUE-NLI, stay readable: decontamination
+removes the eval items from what is read there)."""
 
 Reader = Callable[[Path, str], Iterator[Record | Rejection]]
 

@@ -18,7 +18,15 @@ from data_pipeline.decontaminate import (
     decontaminate,
     normalize_tokens,
 )
-from eval.registry import EVAL_SETS, EvalItem, data_root, eval_texts, item_text, iter_items
+from eval.registry import (
+    EVAL_SETS,
+    EvalItem,
+    EvalSetUnavailable,
+    data_root,
+    eval_texts,
+    item_text,
+    iter_items,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november"
@@ -119,7 +127,10 @@ def planted_items(root: Path) -> list[tuple[str, EvalItem]]:
     """From each set: every 97th item plus the three with the shortest text."""
     chosen = []
     for name in EVAL_SETS:
-        items = list(iter_items(name, root=root))
+        try:
+            items = list(iter_items(name, root=root))
+        except EvalSetUnavailable:  # an optional set (KorMedMCQA) not provided here
+            continue
         shortest = sorted(items, key=lambda i: len(normalize_tokens(item_text(i))))[:3]
         chosen += [(name, i) for i in items[::97] + shortest]
     return chosen
@@ -131,7 +142,8 @@ def disguise(item: EvalItem) -> str:
     if item.context is None:
         body += "\n" + "\n\n".join(f"  ({'abcde'[k]})  {c}." for k, c in enumerate(item.choices))
     else:
-        body += "\t\n" + item.context.replace(". ", ".\n") + "\nCONCLUSION: " + item.long_answer
+        body += "\t\n" + item.context.replace(". ", ".\n")
+        body += f"\nCONCLUSION: {item.long_answer}" if item.long_answer else ""
     return f"Practice question:\n{body}\nAnswer: {item.answer_text}"
 
 

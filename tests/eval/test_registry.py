@@ -33,12 +33,16 @@ EXPECTED = {
     "medqa_usmle_5opt": (1273, 5, None),
     "medmcqa": (2816, 4, {"A": 950, "B": 735, "C": 617, "D": 514}),
     "mmlu_medical": (1089, 4, None),
+    "klue_nli": (3000, 3, None),
+    "xnli_ko": (2490 + 5010, 3, None),
 }
+KORMEDMCQA = {f"kormedmcqa_{s}" for s in ("doctor", "nurse", "pharm", "dentist")}
+"""Not in the shared data (CC BY-NC, Hugging Face only): tested in tests/eval/test_tasks.py."""
 
 
 def test_registry_names_the_issue_sets() -> None:
     assert {"pubmedqa", "medqa_usmle", "medmcqa", "mmlu_medical"} <= set(EVAL_SETS)
-    assert set(EXPECTED) == set(EVAL_SETS), "new set registered: add its SOURCE.md figures here"
+    assert set(EXPECTED) | KORMEDMCQA == set(EVAL_SETS), "new set: add its SOURCE.md figures here"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -91,7 +95,7 @@ def test_data_root_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_eval_texts_hold_question_choices_and_context(root: Path) -> None:
-    texts = list(eval_texts(root=root))
+    texts = list(eval_texts(EXPECTED, root=root))
     assert len(texts) == sum(n for n, _, _ in EXPECTED.values())
     by_key = {(s, i): t for s, i, t in texts}
     mcq = next(iter_items("mmlu_medical", root=root))
