@@ -307,6 +307,46 @@ def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace, overrides: list[str]) -> int:
+    from kfm.export.hf_import import import_hf
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        result = import_hf(args.hf_dir, args.out_dir, overwrite=args.overwrite)
+    else:
+        # Under torchrun: every rank reads and writes only its shard of each tensor (gloo on the
+        # CPU: the weights go from file to file, no GPU needed).
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        try:
+            result = import_hf(args.hf_dir, args.out_dir, overwrite=args.overwrite)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return 0
+    m, out = result.model, result.out
+    print(f"imported {Path(args.hf_dir)} ({result.architecture}) -> {out}")
+    total = sum(r.bytes_read for r in result.reports)
+    largest = max(r.largest_read for r in result.reports)
+    per_rank = f" over {len(result.reports)} ranks" if len(result.reports) > 1 else ""
+    _progress(
+        f"  model: n_layers={m.n_layers} d_model={m.d_model} n_heads={m.n_heads} "
+        f"n_kv_heads={m.n_kv_heads or m.n_heads} vocab_size={m.vocab_size} qk_norm={m.qk_norm} "
+        f"tie_embeddings={m.tie_embeddings}"
+    )
+    _progress(
+        f"  weights: {result.checkpoint} (fp32, no optimizer state); read {total / 1e6:.1f} MB"
+        f"{per_rank}, largest single read {largest / 1e6:.1f} MB"
+    )
+    _progress(f"  tokenizer: {out / 'tokenizer'} (hash {result.tokenizer_hash[:12]})")
+    _progress(
+        f"  train from it: kfm train {out / 'train.yaml'} --data.sources=... "
+        f"(or --checkpoint.init_from={out} with the model settings of train.yaml)"
+    )
+    return 0
+
+
 def cmd_data_pii_report(args: argparse.Namespace, overrides: list[str]) -> int:
     from data_pipeline.pii import pii_report
 
@@ -549,6 +589,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="legend names of the runs, comma-separated in RUN_DIR order (default: folder names)",
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "import-hf",
+        help="make a kfm checkpoint from a Hugging Face Llama/Qwen3 folder",
+        description="Convert a local transformers folder (LlamaForCausalLM, or Qwen3ForCausalLM "
+        "with QK norm; safetensors + tokenizer.json) into a kfm checkpoint for continued "
+        "pretraining: OUT/checkpoints/step_000000 (weights only), OUT/tokenizer (copied byte for "
+        "byte) and OUT/train.yaml. Train from it with --checkpoint.init_from=OUT. Models kfm "
+        "cannot compute exactly (scaled RoPE, biases, sliding window...) are refused naming the "
+        "config.json key. Under torchrun each rank reads only its shard of every tensor.",
+    )
+    p.add_argument("hf_dir", help="local transformers model folder (config.json, *.safetensors)")
+    p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if it holds an earlier kfm import (never a run, checkpoint or any "
+        "other folder); the old one is removed once the new one is written",
+    )
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser(
         "data",
