@@ -1,4 +1,6 @@
-"""`kfm eval CKPT`: validation loss and bits per byte of a checkpoint on held-out packed text.
+"""`kfm eval CKPT`: validation loss and bits per byte of a checkpoint on held-out packed text,
+overall, per source (val_bpb/<source>) and per language (val_bpb/lang/<code>, from
+data.sources[].language), as `kfm train` logs them (kfm.train.validation).
 
 Before anything is computed, the tokenizer is checked against the checkpoint and the shards
 (kfm.tokenizer.identity), as `kfm train` does. Results go to ``<run>/eval/``, one file per
@@ -19,16 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from kfm.checkpoint import load_model_state, resolve_checkpoint_arg
 from kfm.checkpoint.stepdir import read_manifest
-from kfm.config import DataSourceConfig, config_from_dict
+from kfm.config import Config, DataSourceConfig, config_from_dict
 from kfm.data import validation_batches
 from kfm.fs import atomic_write_text
 from kfm.model.transformer import Transformer
 from kfm.tokenizer import token_byte_lengths
 from kfm.tokenizer.identity import check_tokenizer_identity, describe
-from kfm.train.validation import evaluate
+from kfm.train.validation import evaluate, language_groups
 
 
 class EvalResultExistsError(RuntimeError):
@@ -97,9 +100,7 @@ def evaluate_checkpoint(
     n_batches = cfg.eval.batches if batches is None else batches
     if n_batches < 1:
         raise ValueError(f"--batches={n_batches} must be >= 1 (validation batches to evaluate)")
-    sources = (
-        [DataSourceConfig(name=Path(d).name, path=d) for d in data] if data else cfg.data.sources
-    )
+    sources = eval_sources(cfg, data)
     check = check_tokenizer_identity(
         tokenizer or cfg.tokenizer.path,
         checkpoint=path,
@@ -126,19 +127,8 @@ def evaluate_checkpoint(
     model = Transformer(cfg.model)
     model.load_state_dict(state, strict=True)
     model.to(device)
-    val = validation_batches(
-        sources,
-        seq_len=cfg.data.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size,
-        n_batches=n_batches,
-        verify=cfg.data.verify,
-    )
-    metrics = evaluate(
-        model,
-        val,
-        token_bytes=token_byte_lengths(check.tokenizer),
-        bos_id=check.tokenizer.bos_token_id,
-        device=torch.device(device),
+    metrics = validation_metrics(
+        model, cfg, check.tokenizer, sources=sources, batches=n_batches, device=device
     )
     result = {
         "checkpoint": str(path),
@@ -150,4 +140,113 @@ def evaluate_checkpoint(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    return {**result, "result_file": str(out), "replaced": replaced}
+    lines = breakdown_lines(metrics, sources)
+    return {**result, "result_file": str(out), "replaced": replaced, "breakdown_lines": lines}
+
+
+def breakdown_lines(metrics: dict[str, Any], sources: list[DataSourceConfig]) -> list[str]:
+    """Two console lines: bits per byte per source, and per language (naming the sources that
+    have no data.sources[].language and so count in no language)."""
+    per_source = [
+        f"{s.name} {metrics[f'val_bpb/{s.name}']:.4f}"
+        for s in sources
+        if f"val_bpb/{s.name}" in metrics
+    ]
+    groups, unknown = language_groups(sources)
+    per_lang = [
+        f"{lang} {metrics[f'val_bpb/lang/{lang}']:.4f}"
+        for lang in groups
+        if f"val_bpb/lang/{lang}" in metrics
+    ]
+    lang_line = "bits/byte per language: " + (", ".join(per_lang) or "none")
+    if unknown:
+        lang_line += f" (no data.sources[].language: {', '.join(unknown)})"
+    return ["bits/byte per source: " + (", ".join(per_source) or "none"), lang_line]
+
+
+def eval_sources(cfg: Config, data: list[str] | None) -> list[DataSourceConfig]:
+    """The run's data.sources, or one source per ``data`` directory (named after it), with the
+    language of the run's source at the same path, if any."""
+    if not data:
+        return list(cfg.data.sources)
+    known = {str(Path(s.path).resolve()): s.language for s in cfg.data.sources}
+    return [
+        DataSourceConfig(name=Path(d).name, path=d, language=known.get(str(Path(d).resolve())))
+        for d in data
+    ]
+
+
+def validation_metrics(
+    model: nn.Module,
+    cfg: Config,
+    tokenizer: Any,
+    *,
+    sources: list[DataSourceConfig] | None = None,
+    batches: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """val_loss, val_bpb, val_tokens, val_bpb/<source> and val_bpb/lang/<code> of ``model`` (a
+    kfm Transformer) on the validation set ``kfm train`` uses: the first ``batches`` (default
+    eval.batches) batches of ``sources`` (default data.sources) in cfg's seq_len and
+    micro_batch_size. ``tokenizer``: the run's (token byte lengths, bos id)."""
+    sources = cfg.data.sources if sources is None else sources
+    val = validation_batches(
+        sources,
+        seq_len=cfg.data.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        n_batches=cfg.eval.batches if batches is None else batches,
+        verify=cfg.data.verify,
+    )
+    return evaluate(
+        model,
+        val,
+        token_bytes=token_byte_lengths(tokenizer),
+        bos_id=tokenizer.bos_token_id,
+        device=torch.device(device),
+        sources=sources,
+    )
+
+
+def bpb_breakdown(metrics: dict[str, Any]) -> dict[str, float]:
+    """The bits-per-byte figures of ``metrics`` (`validation_metrics`, a kfm eval result or an
+    evaluation line of metrics.jsonl) as results.json's ``kfm.bpb``: {"<source>": ...,
+    "lang/<code>": ..., "all": ...}."""
+    out = {k.removeprefix("val_bpb/"): v for k, v in metrics.items() if k.startswith("val_bpb/")}
+    if "val_bpb" in metrics:
+        out["all"] = metrics["val_bpb"]
+    return out
+
+
+def checkpoint_bpb(
+    ckpt: str | Path,
+    *,
+    model: nn.Module | None = None,
+    batches: int | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """`bpb_breakdown` of checkpoint ``ckpt`` (step dir, checkpoints dir or run dir) on its run's
+    validation set, with its run's tokenizer; ``model``: the checkpoint's weights already loaded
+    (a kfm Transformer), to skip loading them again. Nothing is written.
+
+    Raises:
+        TokenizerMismatchError: the run's tokenizer or shards are not the checkpoint's.
+        CheckpointError, ShardError: a bad checkpoint or shard set.
+    """
+    path = resolve_checkpoint_arg(ckpt)
+    cfg = config_from_dict(read_manifest(path).get("config", {}), source=f"{path}/manifest.json")
+    check = check_tokenizer_identity(
+        cfg.tokenizer.path,
+        checkpoint=path,
+        config=cfg,
+        tokenizer_given=False,
+        shard_sets=[s.path for s in cfg.data.sources],
+        shards_given=False,
+    )
+    if model is None:
+        state, _ = load_model_state(path)
+        model = Transformer(cfg.model)
+        model.load_state_dict(state, strict=True)
+        model.to(device)
+    return bpb_breakdown(
+        validation_metrics(model, cfg, check.tokenizer, batches=batches, device=device)
+    )

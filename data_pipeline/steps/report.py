@@ -23,6 +23,22 @@ except ImportError as e:
     _DATATROVE_MISSING = e
 
 TRAIN_CONFIG_NAME = "train.yaml"
+ONE_LANGUAGE_SHARE = 0.95
+"""A source is of one language (data.sources[].language) when that many of its curated
+documents are: kfm train then reports its validation bits per byte under that language."""
+
+
+def source_language(row: dict[str, Any]) -> str | None:
+    """The language of a source's stats row (`build_report`): the language of at least
+    ONE_LANGUAGE_SHARE of its curated documents; None when mixed or unknown."""
+    counts = row.get("languages") or {}
+    total = sum(counts.values())
+    if not total:
+        return None
+    lang, n = max(counts.items(), key=lambda kv: kv[1])
+    if n < ONE_LANGUAGE_SHARE * total or lang in ("unknown", "und"):
+        return None
+    return lang
 
 
 def train_config(
@@ -32,16 +48,21 @@ def train_config(
     shards_dir: Path,
     sources: list[tuple[str, float]],
     tokenizer: str,
+    languages: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """The training preset at ``preset`` with data.sources (the shard sets that exist, with
-    their mixture weights), tokenizer.path and model.vocab_size set for this corpus."""
+    their mixture weights and, where ``languages`` gives one, language), tokenizer.path and
+    model.vocab_size set for this corpus."""
     cfg = yaml.safe_load(Path(preset).read_text(encoding="utf-8")) or {}
     entries, vocab = [], 0
     for source, weight in sources:
         manifest = shards_dir / source / "manifest.json"
         if manifest.is_file():
             vocab = max(vocab, json.loads(manifest.read_text(encoding="utf-8"))["vocab_size"])
-            entries.append({"name": source, "path": str(shards_dir / source), "weight": weight})
+            entry = {"name": source, "path": str(shards_dir / source), "weight": weight}
+            if (languages or {}).get(source):
+                entry["language"] = (languages or {})[source]
+            entries.append(entry)
     cfg.setdefault("data", {})["sources"] = entries
     cfg.setdefault("tokenizer", {})["path"] = tokenizer
     cfg["tokenizer"].pop("inputs", None)
@@ -97,6 +118,7 @@ class WriteReport(PipelineStep):
                 shards_dir=out / "shards",
                 sources=[(i["name"], i.get("weight", 1.0)) for i in cfg["inputs"]],
                 tokenizer=cfg["pack"]["tokenizer"],
+                languages={s: source_language(row) for s, row in report["sources"].items()},
             )
             atomic_write_text(
                 out / TRAIN_CONFIG_NAME,

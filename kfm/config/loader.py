@@ -285,6 +285,8 @@ class _Range:
 _POSITIVE = _Range(lo=0, lo_open=True)
 _AT_LEAST_1 = _Range(lo=1)
 _NON_NEGATIVE = _Range(lo=0)
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+"""data.sources[].language: an IETF-style code, part of a metric name (val_bpb/lang/ko)."""
 _FRACTION = _Range(lo=0, hi=1)
 
 NUMERIC_RANGES: dict[str, _Range] = {
@@ -328,6 +330,8 @@ NUMERIC_RANGES: dict[str, _Range] = {
     "logging.interval": _AT_LEAST_1,
     "eval.interval": _NON_NEGATIVE,
     "eval.batches": _AT_LEAST_1,
+    "eval.task_limit": _NON_NEGATIVE,
+    "eval.task_fewshot": _NON_NEGATIVE,
     "guard.spike_sigma": _NON_NEGATIVE,
     "guard.spike_window": _Range(lo=2),
     "guard.max_consecutive_skips": _AT_LEAST_1,
@@ -361,6 +365,11 @@ def _check_numbers(cfg: Config) -> None:
             raise ConfigError(
                 f"data.sources[{i}].weight={src.weight} must be a finite number > 0 "
                 f"(source {src.name!r})"
+            )
+        if src.language is not None and not _LANGUAGE.fullmatch(src.language):
+            raise ConfigError(
+                f"data.sources[{i}].language={src.language!r} must be a language code such as "
+                f"en, ko or zh-hant (letters, digits and '-'; source {src.name!r})"
             )
 
 

@@ -71,6 +71,10 @@ class DataSourceConfig:
     """Directory written by `kfm pack` (holds manifest.json)."""
     weight: float = 1.0
     """Relative sampling weight in the mixture (normalised over sources)."""
+    language: str | None = None
+    """Language code of the source's text (en, ko...): validation bits per byte is also reported
+    per language (val_bpb/lang/<code>), summed over the sources of that language. None: reported
+    per source only. The data pipeline's train.yaml fills it in."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -234,6 +238,15 @@ class EvalConfig:
     """Validation batches of micro_batch_size sequences per evaluation."""
     at_start: bool = True
     """Also evaluate before the first step (the untrained baseline)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task or group names (kfm's own: kfm_pubmedqa, kfm_korean...; see eval/README.md)
+    scored on the live model at every evaluation, logged as bench/<task>/<metric>; [] disables.
+    Needs kfm[eval]."""
+    task_limit: int = 50
+    """Items per task in-loop: the first task_limit of each (the same ones every time); 0: all
+    (slow: a whole benchmark at every evaluation)."""
+    task_fewshot: int = 0
+    """Few-shot examples per in-loop task item (fixed sample: the same every time)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -58,11 +58,14 @@ class Batch:
         labels: (B, T) int64 targets, the next token of each input.
         doc_ids: (B, T) int64 document index of each input position, 0 at the start of each row and
             non-decreasing along it.
+        source_ids: (B,) int64 index into data.sources of each row's source (validation batches,
+            for bits per byte per source), or None.
     """
 
     tokens: torch.Tensor
     labels: torch.Tensor
     doc_ids: torch.Tensor
+    source_ids: torch.Tensor | None = None
 
 
 def _window(shards: ShardSet, window: int, seq_len: int) -> tuple[np.ndarray, ...]:
@@ -73,9 +76,10 @@ def _window(shards: ShardSet, window: int, seq_len: int) -> tuple[np.ndarray, ..
     return toks[:-1], toks[1:], docs - docs[0]
 
 
-def _stack(rows: list[tuple[np.ndarray, ...]]) -> Batch:
+def _stack(rows: list[tuple[np.ndarray, ...]], source_ids: list[int] | None = None) -> Batch:
     tokens, labels, docs = (torch.from_numpy(np.stack(col)) for col in zip(*rows, strict=True))
-    return Batch(tokens=tokens, labels=labels, doc_ids=docs)
+    ids = None if source_ids is None else torch.tensor(source_ids, dtype=torch.int64)
+    return Batch(tokens=tokens, labels=labels, doc_ids=docs, source_ids=ids)
 
 
 def _open_sources(
@@ -323,7 +327,8 @@ def validation_batches(
 
     A source that runs out of windows drops out of the round-robin; the set never wraps, so it can
     hold fewer windows than asked, and the last batch can then be smaller than micro_batch_size.
-    Every call returns the same batches. Weights are ignored: each source counts equally.
+    Every call returns the same batches. Weights are ignored: each source counts equally. Each
+    batch's ``source_ids`` names the source of every row (index into ``sources``).
     ``verify`` is as in `PackedLoader`: "spread" opens like "size" (the trainer hashes the files
     with `kfm.data.verify.verify_shard_sets`), "sha256" hashes every val file here.
 
@@ -365,4 +370,8 @@ def validation_batches(
         k += 1
     order = order[:want]
     rows = [_window(sets[s], k, seq_len) for s, k in order]
-    return [_stack(rows[i : i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
+    srcs = [s for s, _ in order]
+    return [
+        _stack(rows[i : i + micro_batch_size], srcs[i : i + micro_batch_size])
+        for i in range(0, len(rows), micro_batch_size)
+    ]

@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from kfm.config import Config
 from kfm.data import Batch, PackedLoader
 from kfm.model.flops import flops_per_token, peak_flops
 from kfm.train.backends.base import Backend, StepOutput
+from kfm.train.dist import gather_to_all, is_distributed
 from kfm.train.loggers import MetricLogger
 from kfm.train.validation import evaluate
 
@@ -180,10 +185,22 @@ class GuardMonitor(Callback):
         self.guard.poll(info.step)
 
 
+BenchmarkHook = Callable[[nn.Module, int], dict[str, float]]
+"""In-loop benchmarks: ``hook(model, step)`` scores the live model and returns metrics named
+``bench/<task>/<metric>``. Every rank calls it at the same steps (the work is split across them).
+kfm_cli builds one from eval/ (eval.inloop.build_hook); kfm/train never imports eval/."""
+
+
 @dataclass
 class Evaluator(Callback):
-    """Validation loss and bits per byte every ``eval.interval`` steps, at the end, and at step 0
-    of a fresh run with ``eval.at_start`` (every rank runs the forward: sharded models need it)."""
+    """Validation loss and bits per byte (overall, per source, per language) every
+    ``eval.interval`` steps, at the end, and at step 0 of a fresh run with ``eval.at_start``;
+    then the benchmark hook, if any. Every rank takes part: each evaluates its data-parallel share
+    of the batches (a sharded model's forward needs all ranks) and the sums are all-reduced.
+
+    Logged with the step: val_loss, val_bpb, val_tokens, val_bpb/<source>, val_bpb/lang/<code>,
+    the hook's bench/<task>/<metric>, ``tokens`` (tokens trained on so far, over all ranks) and
+    the seconds each part took (val_time_s, bench_time_s)."""
 
     cfg: Config
     backend: Backend
@@ -193,16 +210,49 @@ class Evaluator(Callback):
     device: torch.device
     logger: MetricLogger
     results: dict[str, Any] = field(default_factory=dict)
+    benchmark_hook: BenchmarkHook | None = None
+    tokens_seen: Callable[[], int] | None = None
+    """Tokens trained on so far, over all ranks (the loader's samples_consumed * seq_len)."""
+    _contributes: bool | None = None
+
+    def _contributes_to_sums(self) -> bool:
+        """Whether this rank's sums count: the first rank of each data-parallel replica (one
+        gather of the dp ranks, on the first evaluation)."""
+        if self._contributes is None:
+            dp_ranks = gather_to_all(self.backend.dp_rank)
+            rank = dist.get_rank() if is_distributed() else 0
+            self._contributes = dp_ranks.index(self.backend.dp_rank) == rank
+        return self._contributes
 
     def _run(self, step: int) -> None:
-        metrics = evaluate(
-            self.backend.module,
+        model = self.backend.module
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = evaluate(
+            model,
             self.batches,
             token_bytes=self.token_bytes,
             bos_id=self.bos_id,
             device=self.device,
             autocast_dtype=self.backend.autocast_dtype,
+            sources=self.cfg.data.sources,
+            dp_rank=self.backend.dp_rank,
+            dp_size=self.backend.dp_size,
+            contributes=self._contributes_to_sums(),
         )
+        metrics["val_time_s"] = time.perf_counter() - t0
+        if self.benchmark_hook is not None:
+            t0 = time.perf_counter()
+            was_training = model.training
+            model.eval()
+            dtype = self.backend.autocast_dtype
+            ctx = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+            with torch.no_grad(), ctx:
+                bench = self.benchmark_hook(model, step)
+            model.train(was_training)
+            metrics |= bench
+            metrics["bench_time_s"] = time.perf_counter() - t0
+        if self.tokens_seen is not None:
+            metrics["tokens"] = self.tokens_seen()
         self.results.setdefault("first_eval", metrics)
         self.results["last_eval"] = metrics
         self.logger.log(step, metrics)

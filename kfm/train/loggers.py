@@ -64,19 +64,50 @@ _CONSOLE: dict[str, Callable[[Any], str | None]] = {
     "mfu": lambda v: f"mfu {v:.1%}" if v is not None else None,
     "peak_memory_gb": lambda v: f"mem {v:.2f} GB",
 }
+_CONSOLE_LAST: dict[str, Callable[[Any], str | None]] = {
+    "val_time_s": lambda v: f"val took {_seconds(v)}",
+    "bench_time_s": lambda v: f"bench took {_seconds(v)}",
+}
+
+
+def _grouped(shown: dict[str, Any]) -> list[str]:
+    """Evaluation metrics that come in families, one field per family (removed from
+    ``shown``): ``lang en 1.4812 ko 1.6023`` (val_bpb/lang/<code>), ``source medquad 1.4102 ...``
+    (val_bpb/<source>), ``<task> acc 0.5500 acc_norm 0.6000`` (bench/<task>/<metric>, without
+    the stderrs, which metrics.jsonl keeps)."""
+    langs = {k: shown.pop(k) for k in [k for k in shown if k.startswith("val_bpb/lang/")]}
+    per_source = {k: shown.pop(k) for k in [k for k in shown if k.startswith("val_bpb/")]}
+    bench: dict[str, list[str]] = {}
+    for k in [k for k in shown if k.startswith("bench/")]:
+        task, _, metric = k.removeprefix("bench/").rpartition("/")
+        value = shown.pop(k)
+        if not metric.endswith("_stderr") and isinstance(value, int | float):
+            bench.setdefault(task, []).append(f"{metric} {value:.4f}")
+    parts = []
+    if langs:
+        parts.append("lang " + " ".join(f"{k[13:]} {v:.4f}" for k, v in langs.items()))
+    if per_source:
+        parts.append("source " + " ".join(f"{k[8:]} {v:.4f}" for k, v in per_source.items()))
+    parts += [f"{task} {' '.join(values)}" for task, values in bench.items()]
+    return parts
 
 
 def step_line(
     step: int, metrics: dict[str, Any], *, total_steps: int, eta_s: float | None = None
 ) -> str:
     """One console line for ``metrics`` of ``step``: the known metrics in a fixed order and
-    precision (loss 4 decimals, tokens/s whole with thousands separators, mfu in %), then any
-    other metric, then the estimated time to the last step."""
+    precision (loss 4 decimals, tokens/s whole with thousands separators, mfu in %), then the
+    evaluation families (`_grouped`), then any other metric, then how long the evaluation took
+    and the estimated time to the last step."""
     shown = dict(metrics)
     if shown.get("tokens_per_s_per_device") == shown.get("tokens_per_s_global"):
         shown.pop("tokens_per_s_per_device", None)  # one device: the same number twice
+    grouped = _grouped(shown)
+    last = [f(shown.pop(k)) for k, f in _CONSOLE_LAST.items() if k in shown]
     parts = [f(shown[k]) for k, f in _CONSOLE.items() if k in shown]
+    parts += grouped
     parts += [f"{k} {_fmt(v)}" for k, v in shown.items() if k not in _CONSOLE]
+    parts += last
     if eta_s is not None:
         parts.append(f"eta {_duration(eta_s)}")
     width = len(str(total_steps))

@@ -139,6 +139,8 @@ def classify(key: str, *, backend: str) -> tuple[Kind, str]:
         return "applies", ""
     if key.startswith("data.sources.") and key.endswith(".path"):
         return "applies", ""  # a moved shard set; its content is compared by fingerprint
+    if key.startswith("data.sources.") and key.endswith(".language"):
+        return "applies", ""  # labels validation metrics only
     if key == "parallel.zero_stage":
         return (
             ("refused", "ZeRO shards are per stage") if backend == "deepspeed" else ("applies", "")

@@ -27,6 +27,7 @@ from kfm.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_hash
 from kfm.tokenizer.identity import training_fit_problem
 from kfm.train.backends import Backend, build_backend
 from kfm.train.callbacks import (
+    BenchmarkHook,
     Callback,
     Checkpointing,
     Evaluator,
@@ -54,6 +55,7 @@ from kfm.train.resume import NothingToDo, manifest_identity, resume
 from kfm.train.rundir import prepare_run_dir
 from kfm.train.signals import StopRequest
 from kfm.train.status import write_status
+from kfm.train.validation import describe_groups
 
 
 @dataclass
@@ -111,27 +113,31 @@ def run_loop(
     return step
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, *, benchmark_hook: BenchmarkHook | None = None) -> dict[str, Any]:
     """Train per ``cfg``; returns a summary (steps done, first/last validation metrics).
 
     Under torchrun (WORLD_SIZE > 1) it joins the process group first and leaves it at the end.
+    ``benchmark_hook``: in-loop benchmarks run at every evaluation (`Evaluator`); kfm_cli builds
+    it from eval.tasks with eval.inloop.build_hook.
     """
     world = world_from_env()
     device = resolve_device(cfg.train.device)
     if not world.distributed:
-        return _train(cfg, world, device)
+        return _train(cfg, world, device, benchmark_hook)
     if device.type == "cuda":
         # Before the process group exists: NCCL reads the flight-recorder settings at creation.
         apply_nccl_debug_env(Path(cfg.train.run_root) / cfg.train.name)
     with process_group(cfg.parallel, world, device) as rank_device:
-        return _train(cfg, world, rank_device)
+        return _train(cfg, world, rank_device, benchmark_hook)
 
 
-def _train(cfg: Config, world: WorldInfo, device: torch.device) -> dict[str, Any]:
+def _train(
+    cfg: Config, world: WorldInfo, device: torch.device, benchmark_hook: BenchmarkHook | None
+) -> dict[str, Any]:
     run_dir = Path(cfg.train.run_root) / cfg.train.name
     lock = take_run_lock(run_dir, world)  # before anything in the run dir changes
     try:
-        return _train_locked(cfg, world, device, lock)
+        return _train_locked(cfg, world, device, lock, benchmark_hook)
     finally:
         if lock is not None:
             lock.release()
@@ -166,7 +172,11 @@ def take_run_lock(run_dir: Path, world: WorldInfo) -> RunLock | None:
 
 
 def _train_locked(
-    cfg: Config, world: WorldInfo, device: torch.device, lock: RunLock | None
+    cfg: Config,
+    world: WorldInfo,
+    device: torch.device,
+    lock: RunLock | None,
+    benchmark_hook: BenchmarkHook | None,
 ) -> dict[str, Any]:
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     run_dir = Path(cfg.train.run_root) / cfg.train.name
@@ -236,7 +246,11 @@ def _train_locked(
             tok.bos_token_id,
             device,
             logger,
+            benchmark_hook=benchmark_hook,
+            tokens_seen=lambda: loader.samples_consumed * cfg.data.seq_len,
         )
+        if evaluator.batches:
+            logger.info(describe_groups(cfg.data.sources))
         components = build_components(cfg, backend, loader, logger, evaluator, world, device)
         stop, progress = StopRequest(), Progress(step=start_step)
         try:
