@@ -231,6 +231,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         f"checkpoint {result['checkpoint']}: validation loss {result['val_loss']:.4f} nats/token, "
         f"{result['val_bpb']:.4f} bits/byte over {result['val_tokens']:,} tokens"
     )
+    for line in result["breakdown_lines"]:
+        print(line)
     again = " (replaced the earlier result of the same settings)" if result["replaced"] else ""
     print(f"result: {result['result_file']}{again}")
     return 0
