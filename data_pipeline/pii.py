@@ -7,27 +7,44 @@ Rules and decisions, per type (``PLACEHOLDERS`` maps each type to the tokenizer'
 
 - ``email``: ``local@domain.tld`` with an alphabetic TLD of 2+ letters.
 - ``phone``: Korean mobile (010, 011, 016-019), Seoul 02 and regional 031-064 landlines, 070
-  internet phones, 0502-0508 personal "safe numbers", ``+82`` forms (with or without ``(0)``),
-  other ``+CC`` international forms (7-15 digits in all, E.164), and North-American
-  ``(212) 555-0100`` / ``212-555-0100`` forms. Separators: hyphen, dot, space or none (NANP
-  needs one). Business numbers are deliberately NOT scrubbed: Korean representative numbers
-  (15xx/16xx/18xx-xxxx) and NANP toll-free codes (800, 833-888) belong to hospitals and
-  companies, are public, and clinic FAQs are full of them. Other organisations' landlines cannot
-  be told from personal ones and are scrubbed.
-- ``rrn`` / ``frn``: ``YYMMDD-GNNNNNN`` (hyphen, en dash, space or no separator). The date must
-  exist in the century the gender digit ``G`` gives (1/2/5/6: 1900s, 3/4/7/8: 2000s, 9/0: 1800s);
-  ``G`` in 1-4, 9, 0 is a resident number, 5-8 a foreigner number. The checksum is NOT required:
-  numbers issued since October 2020 have random last six digits, so a failed checksum never
-  clears a match (:func:`rrn_checksum_ok` reports it for callers who want it as metadata).
-  A masked tail (``900101-1******``) still counts: birth date and sex identify a patient.
-- ``health_insurance``: an 11-digit number (any hyphens/spaces between digits) counts only when a
-  keyword (건강보험, 보험증, 건보, 의료보험, 가입자, 증번호, health insurance, insurance/member/card
-  no/number/id ...) occurs within the 20 characters before it. Without context an 11-digit number
-  is too common (orders, accessions) to be called personal. An 11-digit mobile number next to
-  such a keyword stays a phone (equal length: phone ranks first).
-- ``credit_card``: 13-19 digits, optionally in hyphen/space-separated groups, Luhn-valid, with a
-  known issuer prefix (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay); groups of
-  fewer than 3 digits break a candidate (table columns of small numbers are not cards).
+  internet phones, 0502-0508 personal "safe numbers", ``+82`` and ``0082`` forms (with or without
+  ``(0)``), other ``+CC`` international forms (7-15 digits in all, E.164), ``00``-dialled
+  international forms (``001 212 555 0100``, ``0044 20 7946 0000``: the first group is exactly
+  00 and a country code assigned by ITU-T E.164, the groups are separated, 8-15 digits after
+  the 00; ``0012 3456 7890`` is a catalogue number), and North-American ``(212) 555-0100`` /
+  ``212-555-0100`` forms. Separators between groups: a hyphen, dot or en dash with at most one
+  space either side (``010 - 0000 - 1234``, ``010. 0000. 1234``), one space, or none (NANP
+  needs a hyphen or dot, 00-dialled numbers need some separator); they may differ within one
+  number (``010-0000.1234``). A run that goes on with another hyphenated group
+  (``12-010-0000-1234-5``) is a longer code. Business numbers are deliberately NOT scrubbed:
+  Korean representative numbers (15xx/16xx/18xx-xxxx) and NANP toll-free codes (800, 833-888)
+  belong to hospitals and companies, are public, and clinic FAQs are full of them. Other
+  organisations' landlines cannot be told from personal ones and are scrubbed.
+- ``rrn`` / ``frn``: ``YYMMDD-GNNNNNN`` (hyphen or en dash with at most one space either side,
+  one space, or no separator). The date must exist in the century the gender digit ``G`` gives
+  (1/2/5/6: 1900s, 3/4/7/8: 2000s, 9/0: 1800s); ``G`` in 1-4, 9, 0 is a resident number, 5-8 a
+  foreigner number. The checksum is NOT required: numbers issued since October 2020 have random
+  last six digits, so a failed checksum never clears a match (:func:`rrn_checksum_ok` reports
+  it for callers who want it as metadata). A masked tail (``900101-1******``) still counts:
+  birth date and sex identify a patient. Not a registration number: one right after a
+  corporate-registration label (법인등록번호, "corporate registration no.": a company's public
+  number of the same form), or an unseparated 13-digit run after a barcode label (표준코드,
+  바코드, barcode, EAN, GTIN, UDI; Korean EAN-13 drug codes start 880 and read as 1988 dates).
+- ``health_insurance``: an 11-digit number (hyphens, spaced hyphens or spaces between digits)
+  counts only when a keyword (건강보험, 보험증, 건보, 의료보험, 가입자, 증번호, health insurance,
+  insurance/member/card no/number/id ...) occurs within the 20 characters before it. Without
+  context an 11-digit number is too common (orders, accessions) to be called personal. An
+  11-digit mobile number next to such a keyword stays a phone (equal length: phone ranks first).
+- ``credit_card``: 13-19 digits passing the Luhn check, whatever the issuer prefix (Korean
+  domestic cards start with 9, UATP with 1), except a leading 0 (ISO/IEC 7812 gives no card
+  issuer one). About one in ten digit strings passes Luhn, so the form carries the precision:
+  in groups (separated as phones are, minus the dot), the groups must be a card's printed
+  layout: fours with a last group of 1-4 digits, 4-6-5, 4-6-4 or 4-3-3-3; an unseparated run
+  counts only after a card word within 30 characters (카드, 신용, 체크, card, credit, debit, Visa,
+  Mastercard, Amex, JCB, UnionPay, Diners, Maestro, PAN, "cc no"): without one it is an
+  accession, order, lot, barcode or timestamp. The card starts its run of digit groups or
+  follows a group of 1-2 digits, and at most two groups of 3+ digits follow it (expiry, CVC);
+  longer runs are table rows, and groups that are all years (1900-2099) are a row of years.
 - ``ip``: IPv4 with octets 0-255 (no leading zeros) and IPv6 (validated by :mod:`ipaddress`, at
   least three hex groups). An IPv4-shaped run right after version/section words ("version",
   "ver", "release", "build", "section", "chapter", "table", "fig", "EC"/"E.C." enzyme numbers,
@@ -91,9 +108,14 @@ class PIISpan:
 
 # ASCII boundaries: ``\b``/``\w`` would treat Hangul as word characters, and Korean text glues
 # particles and labels straight onto numbers ("전화010-0000-0000로").
-_L = r"(?<![0-9A-Za-z])(?<![0-9][-.])"
-_R = r"(?![0-9A-Za-z])(?![-.][0-9])"
-_SEP = r"[-. ]?"
+# A run that continues with another hyphenated group ("12-010-0000-1234-5", "010 - 0000 -
+# 1234 - 5") is some longer code, not a phone number.
+_L = r"(?<![0-9A-Za-z])(?<![0-9][-.])(?<![0-9] [-\u2013] )"
+_R = r"(?![0-9A-Za-z])(?![-.][0-9])(?! [-\u2013] [0-9])"
+# Between digit groups: a hyphen, dot or en dash with at most one space either side
+# ("010 - 0000 - 1234", "010. 0000. 1234", "010-0000.1234"), a single space, or nothing.
+_GAP = r"(?: ?[-.\u2013] ?| )"
+_SEP = _GAP + "?"
 
 _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -109,9 +131,13 @@ _PHONE_PATTERNS = [
     re.compile(
         _L + r"(?:\(?" + _KR_AREA + r"\)\s?|" + _KR_AREA + _SEP + r")\d{3,4}" + _SEP + r"\d{4}" + _R
     ),
-    # +82, optional (0), then the national number without its leading 0.
+    # +82 or 0082, optional (0), then the national number without its leading 0.
     re.compile(
-        r"(?<![0-9A-Za-z+])\+82[-. ]?(?:\(0\)[-. ]?)?(?:1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70)"
+        r"(?<![0-9A-Za-z+])(?:\+|00)82"
+        + _SEP
+        + r"(?:\(0\)"
+        + _SEP
+        + r")?(?:1[016789]|2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70)"
         + _SEP
         + r"\d{3,4}"
         + _SEP
@@ -121,22 +147,53 @@ _PHONE_PATTERNS = [
     # North American Numbering Plan: needs a separator or parentheses to be told from IDs.
     # Toll-free area codes (800, 833...888) are business numbers, like Korea's 15xx, so skipped.
     re.compile(
-        _L + r"(?:\((?!8(\d)\1)[2-9]\d{2}\)\s?|(?!8(\d)\2)[2-9]\d{2}[-.])[2-9]\d{2}[-.]\d{4}" + _R
+        _L
+        + r"(?:\((?!8(\d)\1)[2-9]\d{2}\)\s?|(?!8(\d)\2)[2-9]\d{2} ?[-.] ?)[2-9]\d{2} ?[-.] ?\d{4}"
+        + _R
     ),
 ]
 # Other international numbers; the digit count is checked after matching.
 _INTL_PHONE = re.compile(
-    r"(?<![0-9A-Za-z+])\+(?!82)[1-9]\d{0,2}(?:[-. ]?(?:\(\d{1,5}\)|\d{1,5})){2,6}(?![0-9A-Za-z])"
+    r"(?<![0-9A-Za-z+])\+(?!82)[1-9]\d{0,2}(?:" + _SEP + r"(?:\(\d{1,5}\)|\d{1,5})){2,6}" + _R
+)
+# The same dialled with 00 instead of +: the first group is exactly 00 and an assigned country
+# code ("001", "0044", "00852"), and the groups must be separated: unseparated digit runs
+# starting with 00 are lot and catalogue numbers.
+_INTL_00 = re.compile(
+    r"(?<![0-9A-Za-z+])00(?P<cc>[1-9]\d{0,2})(?:" + _GAP + r"(?:\(\d{1,5}\)|\d{1,5})){2,6}" + _R
+)
+# E.164 country codes assigned to countries (ITU-T E.164 list; 82 is handled as Korea above).
+_COUNTRY_CODES = frozenset(
+    (1, 7, 20, 27, 30, 31, 32, 33, 34, 36, 39, 40, 41, 43, 44, 45, 46, 47, 48, 49)
+    + (51, 52, 53, 54, 55, 56, 57, 58, 60, 61, 62, 63, 64, 65, 66, 81, 84, 86, 90, 91, 92)
+    + (93, 94, 95, 98, 211, 212, 213, 216, 218, 290, 291, 297, 298, 299, 420, 421, 423, 670)
+    + (850, 852, 853, 855, 856, 880, 886, 992, 993, 994, 995, 996, 998)
+).union(
+    *(
+        range(lo, hi + 1)
+        for lo, hi in ((220, 258), (260, 269), (350, 359), (370, 389), (500, 509), (590, 599))
+        + ((672, 692), (960, 977))
+    )
 )
 
 _RRN = re.compile(
     _L + r"(?P<yy>\d{2})(?P<mm>0[1-9]|1[0-2])(?P<dd>0[1-9]|[12]\d|3[01])"
-    r"[-\u2013 ]?(?P<g>\d)(?P<tail>\d{6}|\*{6})" + r"(?![0-9A-Za-z*])"
+    r"(?: ?[-\u2013] ?| )?(?P<g>\d)(?P<tail>\d{6}|\*{6})" + r"(?![0-9A-Za-z*])"
+)
+# A Korean corporate registration number (법인등록번호) has the same 6+7 digit form and is public.
+_CORP_LABEL = re.compile(
+    r"(?:법인\s?(?:등록)?\s?번호|corporate\s+registration\s+(?:no\.?|number))\s*[:#]?\s*$",
+    re.IGNORECASE,
+)
+# Korean drug standard codes and other EAN-13 barcodes start 880 and often read as a date, so an
+# unseparated 13-digit run after a barcode label (and only numbers and punctuation) is a code.
+_BARCODE_LABEL = re.compile(
+    r"(?:표준\s?코드|바코드|barcode|EAN(?:-13)?|GTIN|UDI)[^A-Za-z\uac00-\ud7a3]*$", re.IGNORECASE
 )
 _CENTURY = {"1": 1900, "2": 1900, "5": 1900, "6": 1900, "3": 2000, "4": 2000, "7": 2000, "8": 2000}
 _CENTURY.update({"9": 1800, "0": 1800})
 
-_HI_NUMBER = re.compile(r"(?<![0-9A-Za-z])\d(?:[- ]?\d){10}(?![0-9A-Za-z])(?![-.][0-9])")
+_HI_NUMBER = re.compile(r"(?<![0-9A-Za-z])\d(?:(?: ?- ?| )?\d){10}(?![0-9A-Za-z])(?![-.][0-9])")
 _HI_KEYWORD = re.compile(
     r"건강\s?보험|보험증|건보|의료\s?보험|가입자|증\s?번호|health[\s-]*insurance|"
     r"(?:insurance|member|card|policy)\s*(?:no\b|number|id\b|#)",
@@ -144,11 +201,17 @@ _HI_KEYWORD = re.compile(
 )
 _HI_WINDOW = 20
 
-_DIGIT_GROUPS = re.compile(r"(?<![0-9A-Za-z])\d+(?:[- ]\d+)*(?![0-9A-Za-z])")
-_CARD_PREFIXES = re.compile(
-    r"4|5[1-5]|2(?:2[2-9][1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6011|64[4-9]|65|"
-    r"35(?:2[89]|[3-8]\d)|30[0-5]|36|3[89]|62"
+_DIGIT_GROUPS = re.compile(r"(?<![0-9A-Za-z])\d+(?:(?: ?[-\u2013] ?| )\d+)*(?![0-9A-Za-z])")
+# Group lengths cards are printed in: fours (the last group 1-4 digits: 16, 19 digits), 4-6-5
+# (Amex), 4-6-4 (Diners), 4-3-3-3 (13-digit Visa).
+_CARD_LAYOUT = re.compile(r"4(?:,4)*,[1-4]|4,6,[45]|4,3,3,3")
+_CARD_CONTEXT = re.compile(
+    r"카드|card|credit|debit|visa|master|amex|american\s+express|discover|jcb|unionpay|"
+    r"diners|maestro|신용|체크|\bpan\b|\bcc\s*(?:no|#)",
+    re.IGNORECASE,
 )
+_CARD_WINDOW = 30
+_YEAR = re.compile(r"19\d\d|20\d\d")
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(r"(?<![0-9A-Za-z.])(?:" + _OCTET + r"\.){3}" + _OCTET + r"(?![0-9A-Za-z]|\.\d)")
@@ -201,28 +264,42 @@ def _valid_birth_date(yy: str, mm: str, dd: str, g: str) -> bool:
 
 
 def _find_cards(text: str) -> Iterable[tuple[int, int]]:
-    # Runs of digit groups; a card may be any whole-group sub-run of 13-19 digits, so a card
-    # followed by an expiry ("4111 1111 1111 1111 1225") is still found.
+    # Runs of digit groups. A card is a whole-group sub-run of 13-19 digits that starts the run
+    # (or follows a group of 1-2 digits: "No. 2 4111 ...") and is followed by at most two
+    # more groups of 3+ digits (expiry, CVC: "4111 1111 1111 1111 1225"). Longer runs are
+    # table rows of numbers.
     for m in _DIGIT_GROUPS.finditer(text):
-        groups = [(g.start(), g.end()) for g in re.finditer(r"\d+", m.group())]
-        base = m.start()
+        groups = [
+            (g.start() + m.start(), g.end() + m.start()) for g in re.finditer(r"\d+", m.group())
+        ]
+        lengths = [e - s for s, e in groups]
         best: tuple[int, int] | None = None
         for i in range(len(groups)):
+            if i > 0 and lengths[i - 1] >= 3:
+                continue
             n = 0
             for j in range(i, len(groups)):
-                # Cards print in groups of 3+ digits (4-4-4-4, 4-6-5, 4-4-4-4-3); runs of short
-                # groups are table columns ("225 11 16 250 13 18 ...").
-                if groups[j][1] - groups[j][0] < 3:
-                    break
-                n += groups[j][1] - groups[j][0]
+                n += lengths[j]
                 if n > 19:
                     break
                 if n < 13:
                     continue
-                s, e = base + groups[i][0], base + groups[j][1]
+                s, e = groups[i][0], groups[j][1]
+                if best is not None and e - s <= best[1] - best[0]:
+                    continue
                 digits = re.sub(r"\D", "", text[s:e])
-                longer = best is None or e - s > best[1] - best[0]
-                if longer and _CARD_PREFIXES.match(digits) and luhn_ok(digits):
+                if i == j:  # unseparated: an id unless a card word comes just before
+                    if not _CARD_CONTEXT.search(text, max(0, s - _CARD_WINDOW), s):
+                        continue
+                elif not _CARD_LAYOUT.fullmatch(",".join(map(str, lengths[i : j + 1]))):
+                    continue
+                trailing = 0
+                for k in range(j + 1, len(groups)):
+                    if lengths[k] < 3:
+                        break
+                    trailing += 1
+                years = all(_YEAR.fullmatch(text[a:b]) for a, b in groups[i : j + 1])
+                if digits[0] != "0" and trailing <= 2 and not years and luhn_ok(digits):
                     best = (s, e)
         if best is not None:
             yield best
@@ -240,10 +317,19 @@ def _candidates(text: str, types: frozenset[str]) -> Iterable[tuple[str, int, in
             n_digits = sum(c.isdigit() for c in m.group())
             if 7 <= n_digits <= 15:
                 yield "phone", m.start(), m.end()
+        for m in _INTL_00.finditer(text):
+            n_digits = sum(c.isdigit() for c in m.group()) - 2
+            if int(m.group("cc")) in _COUNTRY_CODES and 8 <= n_digits <= 15:
+                yield "phone", m.start(), m.end()
     if types & {"rrn", "frn"}:
         for m in _RRN.finditer(text):
             g = m.group("g")
             if not _valid_birth_date(m.group("yy"), m.group("mm"), m.group("dd"), g):
+                continue
+            before = text[max(0, m.start() - 40) : m.start()]
+            if _CORP_LABEL.search(before) or (
+                m.group().isdigit() and _BARCODE_LABEL.search(before)
+            ):
                 continue
             kind = "frn" if g in "5678" else "rrn"
             if kind in types:

@@ -56,7 +56,9 @@ def make_rrn(rng: random.Random, *, foreigner: bool, style: str) -> str:
     if style == "masked":
         return f"{front}-{g}******"
     last = good if style.startswith("valid") else (good + rng.randrange(1, 10)) % 10
-    sep = {"valid": "-", "post2020": "-", "valid_nosep": "", "post2020_space": " "}[style]
+    sep = {"valid": "-", "post2020": "-", "valid_nosep": "", "post2020_space": " "}.get(
+        style, " - "
+    )
     return f"{front}{sep}{g}{tail}{last}"
 
 
@@ -76,6 +78,31 @@ def make_card(rng: random.Random) -> str:
     else:
         groups = [digits[i : i + 4] for i in range(0, length, 4)]
     return sep.join(groups)
+
+
+def _luhn_number(rng: random.Random, prefix: str, length: int) -> str:
+    body = prefix + "".join(str(rng.randrange(10)) for _ in range(length - len(prefix) - 1))
+    return body + luhn_digit(body)
+
+
+def make_card_any_prefix(rng: random.Random) -> str:
+    """A Luhn-valid 16-digit card whose issuer prefix is none of the big networks' (Korean
+    domestic 9xxx cards, UATP 1xxx, private-label 7xxx/8xxx), printed in groups of four."""
+    digits = _luhn_number(rng, rng.choice(["9410", "9490", "1", "7", "8"]), 16)
+    sep = rng.choice(["-", " ", " - "])
+    return sep.join(digits[i : i + 4] for i in range(0, 16, 4))
+
+
+def make_card_spaced(rng: random.Random) -> str:
+    """A card in groups separated by a spaced hyphen: ``4111 - 1111 - 1111 - 1111``."""
+    digits = _luhn_number(rng, rng.choice(["4", "51", "9410", "62"]), 16)
+    return " - ".join(digits[i : i + 4] for i in range(0, 16, 4))
+
+
+def make_card_plain(rng: random.Random) -> str:
+    """An unseparated Luhn-valid 15/16-digit card number, any issuer prefix."""
+    prefix, length = rng.choice([("4", 16), ("9410", 16), ("37", 15), ("1", 15), ("55", 16)])
+    return _luhn_number(rng, prefix, length)
 
 
 def make_luhn_invalid_card(rng: random.Random) -> str:
@@ -132,6 +159,12 @@ def make_hi(rng: random.Random) -> str:
     return rng.choice([d, f"{d[0]}-{d[1:9]}-{d[9:]}", f"{d[:1]}-{d[1:]}", f"{d[:5]} {d[5:]}"])
 
 
+def make_hi_spaced(rng: random.Random) -> str:
+    """An 11-digit insurance number in groups joined by spaced hyphens: ``1 - 23456789 - 01``."""
+    d = "".join(str(rng.randrange(10)) for _ in range(11))
+    return f"{d[0]} - {d[1:9]} - {d[9:]}"
+
+
 def make_ip(rng: random.Random) -> str:
     return rng.choice(
         [
@@ -160,17 +193,67 @@ def make_url_cred(rng: random.Random) -> str:
     )
 
 
+def make_phone_spaced(rng: random.Random) -> str:
+    """Phone numbers with spaced hyphens/dots or mixed separators."""
+    n = f"{rng.randrange(10000):04d}"
+    m = f"{rng.randrange(100):02d}"
+    return rng.choice(
+        [
+            f"010 - 0000 - {n}",
+            f"010 - 000 - {n}",
+            f"02 - 000 - {n}",
+            f"031 - 000 - {n}",
+            f"010. 0000. {n}",
+            f"010 .0000 .{n}",
+            f"010-0000.{n}",
+            f"010 0000-{n}",
+            f"(02) 000 - {n}",
+            f"070 - 0000 - {n}",
+            f"+82 10 - 0000 - {n}",
+            f"212 - 555 - 01{m}",
+        ]
+    )
+
+
+def make_phone_00(rng: random.Random) -> str:
+    """International numbers dialled with the 00 prefix instead of +."""
+    n = f"{rng.randrange(10000):04d}"
+    m = f"{rng.randrange(100):02d}"
+    return rng.choice(
+        [
+            f"0082 10 0000 {n}",
+            f"0082-10-0000-{n}",
+            f"0082 2 000 {n}",
+            f"008210000{n}",
+            f"001 212 555 01{m}",
+            f"001-617-555-01{m}",
+            f"0044 20 7946 0{n[:3]}",
+            f"0081 3 0000 {n}",
+            f"0086 10 0000 {n}",
+            f"00852 0000 {n}",
+        ]
+    )
+
+
 MAKERS: dict[str, Callable[[random.Random], str]] = {
     "email": make_email,
     "phone": make_phone,
+    "phone_spaced": make_phone_spaced,
+    "phone_00": make_phone_00,
     "rrn": lambda r: make_rrn(
         r, foreigner=False, style=r.choice(["valid", "post2020", "valid_nosep", "post2020_space"])
     ),
     "rrn_post2020": lambda r: make_rrn(r, foreigner=False, style="post2020"),
     "rrn_masked": lambda r: make_rrn(r, foreigner=False, style="masked"),
+    "rrn_spaced": lambda r: make_rrn(r, foreigner=False, style="spaced"),
+    "frn_spaced": lambda r: make_rrn(r, foreigner=True, style="spaced"),
     "frn": lambda r: make_rrn(r, foreigner=True, style=r.choice(["valid", "post2020"])),
     "health_insurance": make_hi,
+    "health_insurance_spaced": make_hi_spaced,
     "credit_card": make_card,
+    "credit_card_any": make_card_any_prefix,
+    "credit_card_spaced": make_card_spaced,
+    "credit_card_plain": make_card_plain,
     "ip": make_ip,
     "url_cred": make_url_cred,
 }
@@ -213,6 +296,26 @@ POSITIVE_TEMPLATES = [
     "등록번호 {rrn}, 카드 {credit_card}, IP {ip}.",
     "Ref: {email}; HbA1c 7.1% on 2024-03-02; callback {phone}.",
     "Support group, 12 Main St, Bethesda, MD 20892-3655 Phone: {phone} E-mail: {email}",
+    # Spaced and mixed separators, 00-prefixed international numbers.
+    "보호자 연락처: {phone_spaced} (야간 연락 가능).",
+    "Callback number {phone_spaced}, ask for the ward clerk.",
+    "환자 휴대전화 {phone_spaced}, 자택 {phone_spaced}.",
+    "해외 거주 보호자 연락처 {phone_00}.",
+    "Family abroad can be reached at {phone_00} after 6 pm.",
+    "From overseas, dial {phone_00} to reach the patient's daughter.",
+    "연락처 {phone_spaced} / 해외 {phone_00} / 이메일 {email}",
+    "주민등록번호 {rrn_spaced} 로 수진자 자격 조회.",
+    "RRN {rrn_spaced} was written on the consent form.",
+    "외국인등록번호 {frn_spaced}, 체류자격 E-9.",
+    "건강보험증번호 {health_insurance_spaced} 확인 후 수납.",
+    # Cards of any issuer prefix, spaced hyphens, unseparated next to a card word.
+    "Card on file: {credit_card_any}; expiry 12/27.",
+    "국내 전용 카드 {credit_card_any} 로 결제함.",
+    "The scanned form showed {credit_card_any} in the payment box.",
+    "체크카드 번호 {credit_card_spaced} 입력 오류로 재결제.",
+    "Credit card {credit_card_spaced} was declined twice.",
+    "카드번호 {credit_card_plain} 가 상담 메모에 남아 있음.",
+    "Visa card number {credit_card_plain} was typed into the free-text field.",
 ]
 
 NEGATIVE_LINES = [
@@ -300,6 +403,20 @@ NEGATIVE_LINES = [
     "Dose table (kg, mL, drops): 225 11 16 250 13 18 275 14 19 300 15 21 325 16 23.",
     "For appointments call the toll-free line 1-800-555-0199.",
     "NLM toll-free (888) 555-0142, weekdays.",
+    "사업자등록번호 123-45-67890 (의료법인 대표 번호).",
+    "Pages 1010 - 1018 and 2010 - 2014 of the proceedings.",
+    "혈압 110 - 120 / 70 - 80 mmHg 로 안정적.",
+    "Visit on 02 - 05 - 2024 was rescheduled.",
+    "doi:10.1371/journal.pone.0123456",
+    "https://doi.org/10.1186/s12916-019-1234-5",
+    "PMCID PMC7654321, GenBank MN908947.3, SRA SRR12345678.",
+    "Assembly GCF_000001405.40 (GRCh38.p14) was used for alignment.",
+    "Catalog no. 0012 3456 7890 (reagent kit).",
+    "REF 0028 1234 5678 / LOT 0000 1234 5678.",
+    "Admissions by year: 2015 2016 2017 2018 2019 2020 2021.",
+    "Patients per year 1520 1634 1788 1902 2011 2145 2290 were enrolled.",
+    "Version 10.0.19045.3803 and build 2024.01.15.1234 were tested.",
+    "보험 청구 건수 1,234,567,890,123 건 (누적).",
 ]
 
 NEGATIVE_TEMPLATES = [
@@ -309,10 +426,77 @@ NEGATIVE_TEMPLATES = [
     "카드번호 {luhn_bad} 는 유효하지 않은 번호임.",
     "Collected on {date_dash}, analysed on {date_dot}.",
     "NDC {ndc} was dispensed at discharge.",
+    # Luhn-valid numbers that are not cards: ids, barcodes, timestamps, ISBNs.
+    "Specimen accession {luhn16} received in the core lab.",
+    "검체 접수번호 {luhn16}, 채혈 시각 07:40.",
+    "Order no. {luhn14} shipped to the pharmacy.",
+    "처방 주문번호 {luhn15} 취소됨.",
+    "ISBN {isbn13} (print edition).",
+    "의약품 표준코드 {kd13} (바코드 스캔).",
+    "UDI (01){gtin14}(17)261231(10)A12",
+    "Event time {ms13} ms since the epoch.",
+    "Sequencing run {luhn19} finished on the NovaSeq.",
+    "법인등록번호 {corp13} (학교법인).",
+    "Corporate registration no. {corp13} of the hospital foundation.",
+    # Luhn-valid numbers in groups, which only the card layout rules tell from cards.
+    "Reagent kit lot {lot0} (store at 2-8 C).",
+    "Follow-up visits were scheduled in {years}.",
+    "Enrolled per site: {table_row}.",
+    "Infusion pump serial {serial}, firmware 3.2.",
+    "Catalogue no. {cat00} (reagent, 500 tests).",
 ]
 
 
+def ean_digit(body: str) -> str:
+    """The GS1 check digit (EAN-13, GTIN-14, ISBN-13) to append to ``body``."""
+    total = sum(int(d) * (3 if i % 2 == 0 else 1) for i, d in enumerate(reversed(body)))
+    return str((10 - total % 10) % 10)
+
+
+def luhn_valid_id(rng: random.Random, prefix: str, length: int, *, ean: bool = False) -> str:
+    """A ``length``-digit id starting with ``prefix`` (GS1 check digit if ``ean``) that also
+    passes Luhn: the hard case, an id a card check alone would take for a card."""
+    while True:
+        body = prefix + "".join(str(rng.randrange(10)) for _ in range(length - len(prefix) - 1))
+        digits = body + (ean_digit(body) if ean else str(rng.randrange(10)))
+        if int(luhn_digit(digits[:-1])) == int(digits[-1]):
+            return digits
+
+
 def _neg_value(kind: str, rng: random.Random) -> str:
+    if kind.startswith("luhn") and kind[4:].isdigit():
+        return luhn_valid_id(rng, str(rng.randrange(1, 10)), int(kind[4:]))
+    if kind == "isbn13":
+        return luhn_valid_id(rng, rng.choice(["97889", "97801", "97811"]), 13, ean=True)
+    if kind == "kd13":
+        return luhn_valid_id(rng, "880", 13, ean=True)
+    if kind == "gtin14":
+        return luhn_valid_id(rng, rng.choice(["1", "2", "5"]), 14, ean=True)
+    if kind == "ms13":
+        return luhn_valid_id(rng, "17", 13)
+    if kind == "lot0":  # ISO/IEC 7812 gives no card issuer a leading 0
+        d = luhn_valid_id(rng, "0" + rng.choice("89"), 16)
+        return rng.choice([" ", "-"]).join(d[i : i + 4] for i in range(0, 16, 4))
+    if kind == "years":  # four increasing years that happen to pass Luhn
+        while True:
+            ys = sorted(rng.sample(range(2005, 2026), 4))
+            if int(luhn_digit("".join(map(str, ys))[:-1])) == ys[-1] % 10:
+                return " ".join(map(str, ys))
+    if kind == "table_row":  # seven counts; the first four pass Luhn together
+        first = luhn_valid_id(rng, str(rng.randrange(1, 10)), 16)
+        rest = [first[i : i + 4] for i in range(0, 16, 4)]
+        return " ".join(rest + [str(rng.randrange(1000, 10000)) for _ in range(3)])
+    if kind == "serial":  # 16 digits, but not in a card's groups
+        d = luhn_valid_id(rng, str(rng.randrange(1, 10)), 16)
+        return rng.choice(
+            ["-".join((d[:6], d[6:12], d[12:])), " ".join((d[:3], d[3:6], d[6:9], d[9:13], d[13:]))]
+        )
+    if kind == "cat00":  # 00 and a code no country has: not a dialled number
+        cc = rng.choice(["12", "28", "35", "80", "89"])
+        return f"00{cc} {rng.randrange(10000):04d} {rng.randrange(10000):04d}"
+    if kind == "corp13":
+        office = rng.choice(["110111", "110114", "120111", "150111", "180111"])
+        return f"{office}-{rng.randrange(10_000_000):07d}"
     if kind == "digits11":
         return "".join(str(rng.randrange(10)) for _ in range(11))
     if kind == "luhn_bad":
@@ -326,6 +510,14 @@ def _neg_value(kind: str, rng: random.Random) -> str:
     raise KeyError(kind)
 
 
+PII_TYPES = ("email", "phone", "rrn", "frn", "health_insurance", "credit_card", "ip", "url_cred")
+
+
+def label_type(slot: str) -> str:
+    """The PII type of a template slot: the type it names, before any ``_form`` suffix."""
+    return next(t for t in PII_TYPES if slot == t or slot.startswith(t + "_"))
+
+
 def fill(template: str, value_for: Callable[[str], str]) -> tuple[str, list[dict[str, object]]]:
     """Fill ``{slot}``s left to right; return the text and the labelled spans of the slots."""
     out, spans, pos = "", [], 0
@@ -337,22 +529,16 @@ def fill(template: str, value_for: Callable[[str], str]) -> tuple[str, list[dict
         start = len(out)
         out += value
         if not kind.startswith("neg:"):
-            spans.append(
-                {
-                    "type": kind.split("_")[0] if kind.startswith("rrn") else kind,
-                    "start": start,
-                    "end": len(out),
-                }
-            )
+            spans.append({"type": label_type(kind), "start": start, "end": len(out), "form": kind})
         pos = j + 1
     return out + template[pos:], spans
 
 
 def generate(seed: int = 20261122) -> list[dict[str, object]]:
-    """The labelled lines: positive templates filled 4 times each, then the hard negatives."""
+    """The labelled lines: positive templates filled 5 times each, then the hard negatives."""
     rng = random.Random(seed)
     rows: list[dict[str, object]] = []
-    for _ in range(4):
+    for _ in range(5):
         for t in POSITIVE_TEMPLATES:
             text, spans = fill(t, lambda k: MAKERS[k](rng))
             rows.append({"text": text, "spans": spans})
