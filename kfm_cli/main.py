@@ -217,6 +217,17 @@ def _progress(line: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.tasks is not None:
+        return _benchmarks(args)
+    for flag, value in (
+        ("--limit", args.limit),
+        ("--num-fewshot", args.num_fewshot),
+        ("--include-path", args.include_path),
+        ("--batch-size", args.batch_size),
+        ("--out", args.out),
+    ):
+        if value is not None:
+            raise ConfigError(f"{flag} applies to benchmarks: add --tasks (e.g. --tasks kfm_all)")
     from eval.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(
@@ -236,6 +247,73 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     again = " (replaced the earlier result of the same settings)" if result["replaced"] else ""
     print(f"result: {result['result_file']}{again}")
     return 0
+
+
+def _benchmarks(args: argparse.Namespace) -> int:
+    """`kfm eval CKPT --tasks ...`: lm-eval tasks on a native checkpoint (KfmLM) or an HF folder
+    (lm-eval's HFLM); prints the table, writes results.json (eval/bench.py)."""
+    import torch
+
+    from eval.bench import markdown_table, run_benchmarks, write_results
+
+    if args.batches is not None or args.data is not None:
+        raise ConfigError(
+            "--batches and --data set the validation-loss evaluation; run it without --tasks"
+        )
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch_size = args.batch_size or 16
+    ckpt = Path(args.checkpoint)
+    if (ckpt / "config.json").is_file():  # a Hugging Face model folder (kfm export's output)
+        from lm_eval.models.huggingface import HFLM
+
+        from kfm.tokenizer.core import tokenizer_hash
+
+        tokenizer = Path(args.tokenizer or ckpt)
+        lm = HFLM(
+            pretrained=str(ckpt), tokenizer=str(tokenizer), batch_size=batch_size, device=device
+        )
+        run_dir, step_dir, step, tokens = ckpt, "", None, None
+        meta = {"checkpoint": ".", "model": "hf", "tokenizer_hash": tokenizer_hash(tokenizer)}
+    else:
+        from eval.lm import KfmLM
+
+        lm = KfmLM.from_checkpoint(
+            ckpt, device=device, batch_size=batch_size, tokenizer_dir=args.tokenizer
+        )
+        _progress(lm.tokenizer_check)
+        step_path = Path(lm.checkpoint)
+        run_dir, step_dir = step_path.parent.parent, step_path.name
+        step = int(read_step(step_path))
+        cfg = lm.config
+        tokens = step * cfg.train.global_batch_size * cfg.data.seq_len
+        meta = {
+            "checkpoint": str(step_path.relative_to(run_dir)),
+            "model": "native",
+            "tokenizer_hash": lm.tokenizer_hash,
+        }
+    results = run_benchmarks(
+        lm,
+        tasks,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path or (),
+        batch_size=batch_size,
+    )
+    assert results is not None, "a single-process kfm eval is rank 0"
+    results["kfm"] = {"step": step, "tokens": tokens, **meta, **results["kfm"]}
+    print(markdown_table(results))
+    path, replaced = write_results(run_dir, step_dir, results, out=args.out)
+    again = " (replaced the earlier result of the same settings)" if replaced else ""
+    print(f"result: {path}{again}")
+    return 0
+
+
+def read_step(step_dir: Path) -> int:
+    """The step recorded in a checkpoint step dir's manifest."""
+    from kfm.checkpoint.stepdir import read_manifest
+
+    return int(read_manifest(step_dir)["step"])
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -521,10 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint (step dir, checkpoints dir or run dir). The tokenizer "
         "and the shards must be the ones the checkpoint was trained with (checked first). The "
         "result goes to RUN/eval/step_N.json for the run's own settings, step_N-<hash>.json for "
-        "other --data/--batches; an earlier result of other settings is never replaced.",
+        "other --data/--batches; an earlier result of other settings is never replaced. With "
+        "--tasks: lm-eval benchmarks; the table is printed and the result goes to "
+        "RUN/eval/STEP/results.json (results-<hash>.json beside a result of other settings).",
     )
     p.add_argument(
-        "checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)"
+        "checkpoint",
+        help="checkpoint step dir, checkpoints/ dir or run dir (newest valid); with --tasks "
+        "also a Hugging Face model folder",
     )
     p.add_argument(
         "--batches", type=int, default=None, help="validation batches (default: eval.batches)"
@@ -541,20 +623,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer dir instead of the run's tokenizer.path (must be the same tokenizer, "
         "e.g. a copy)",
     )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="benchmarks instead of validation loss: comma-separated lm-eval tasks or groups, "
+        "e.g. kfm_all, kfm_medical_en, kfm_korean, pubmedqa (eval/README.md); CHECKPOINT may "
+        "also be a Hugging Face model folder",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="with --tasks: first N documents per task"
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        help="with --tasks: examples per prompt, from each task's dev split (refused for a task "
+        "without one)",
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=None,
+        help="with --tasks: a folder of your own lm-eval task YAML files (repeatable)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="with --tasks: rows per forward (16)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="with --tasks: results file instead of RUN/eval/STEP/results.json "
+        "(HF folder: DIR/eval/results.json)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "export",
-        help="write a Hugging Face model folder from a checkpoint",
+        help="write a checkpoint as a Hugging Face folder or a llama.cpp GGUF",
         description="Export a checkpoint to a transformers folder (safetensors, config, "
-        "generation config, tokenizer) and check logits against kfm. The tokenizer must be the "
-        "one the checkpoint was trained with (checked before anything is written).",
+        "generation config, tokenizer) and check logits against kfm, or with --format gguf to "
+        "OUT_DIR/model-<dtype>.gguf for llama.cpp (tokenizer embedded; every tensor read back "
+        "and compared). The tokenizer must be the one the checkpoint was trained with (checked "
+        "before anything is written).",
     )
     p.add_argument(
         "checkpoint", help="checkpoint step dir, checkpoints/ dir or run dir (newest valid)"
     )
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype to save")
+    p.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        default="hf",
+        help="hf: a transformers folder; gguf: OUT_DIR/model-<dtype>.gguf for llama.cpp, "
+        "tokenizer embedded",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16", "q8_0"],
+        default="fp32",
+        help="weight dtype to save (fp16 and q8_0: --format gguf only)",
+    )
     p.add_argument(
         "--tokenizer",
         default=None,
