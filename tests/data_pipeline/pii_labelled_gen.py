@@ -3,7 +3,12 @@
 Labels come from construction (each PII value is placed into a template and its offsets are
 recorded), never from data_pipeline.pii. Values are fake: example.* domains, RFC 5737 / RFC 3849
 addresses, 0000 phone blocks, 555-01xx NANP numbers; registration and card numbers are random
-but carry valid dates/Luhn digits where the format needs them. Run from the repository root:
+but carry valid dates/Luhn digits where the format needs them. Each span also records its
+``form`` (the template slot: ``phone_spaced``, ``phone_00``, ``credit_card_any``...). The hard
+negatives include numbers built to pass Luhn (accessions, orders, ISBN-13/EAN-13/GTIN-14 with
+their own check digit, millisecond timestamps, lots with a leading 0, rows of years or counts,
+serials in non-card groups), corporate registration numbers and 00 + unassigned country codes.
+Run from the repository root:
 
     python -m tests.data_pipeline.pii_labelled_gen
 """
