@@ -13,11 +13,16 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kfm.config import ConfigError
 from kfm.console import NORMAL, QUIET, VERBOSE, set_verbosity, verbosity
 from kfm_cli.errors import debug_requested, report
 from kfm_cli.output import quiet_libraries
+
+if TYPE_CHECKING:
+    from kfm.config import Config
+    from kfm.tokenizer.identity import TokenizerCheck
 
 _GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet", "--debug")
 _OVERRIDES_HELP = "Config overrides as dotted flags after the other options, e.g. --optim.lr=3e-4 --train.steps 200."
@@ -339,6 +344,12 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     check_output_dir(
         args.out_dir, "export", inputs=[path, tokenizer], overwrite=args.overwrite, flag="OUT_DIR"
     )
+    if args.format == "gguf":
+        return _export_gguf(args, path, cfg, tokenizer, check)
+    if args.dtype not in ("fp32", "bf16"):
+        raise ConfigError(
+            f"--dtype {args.dtype} is for --format gguf; the Hugging Face export takes fp32 or bf16"
+        )
     state, _ = load_model_state(path)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out = export_hf(
@@ -384,6 +395,47 @@ def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
         _progress(f"not drawn: {skipped.title} ({skipped.reason})")
     again = " (replaced the earlier report)" if report.replaced else ""
     print(f"report: {report.report} with {len(report.plots)} plot(s){again}")
+    return 0
+
+
+def _export_gguf(
+    args: argparse.Namespace, path: Path, cfg: Config, tokenizer: str | Path, check: TokenizerCheck
+) -> int:
+    """`kfm export --format gguf`: OUT_DIR/model-<dtype>.gguf, then every tensor read back."""
+    from kfm.checkpoint import load_model_state
+    from kfm.export.gguf import GGUF_TOLERANCE, export_gguf, gguf_weights_diff
+    from kfm.tokenizer.identity import describe
+
+    state, _ = load_model_state(path)
+    out = export_gguf(
+        state,
+        cfg.model,
+        args.out_dir,
+        tokenizer_dir=tokenizer,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        source=path,
+        name=cfg.train.name,
+    )
+    print(f"exported {path} -> {out}")
+    note = describe(check, tokenizer)
+    if check.unchecked is not None:
+        print(f"export check: {note}", file=sys.stderr)
+    else:
+        _progress(f"export check: {note}: ok")
+    if not args.verify:
+        _progress("export check: GGUF tensors not compared with the checkpoint (--no-verify)")
+        return 0
+    diff = gguf_weights_diff(out, state, cfg.model)
+    tol = GGUF_TOLERANCE[args.dtype]
+    line = (
+        f"export check: max |w_gguf - w_kfm| / max |w_kfm| = {diff:.2e} over all tensors "
+        f"(tolerance {tol:.0e} for {args.dtype})"
+    )
+    if diff > tol:
+        print(f"{line}: MISMATCH", file=sys.stderr)
+        return 1
+    _progress(f"{line}: ok")
     return 0
 
 
@@ -699,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-verify",
         dest="verify",
         action="store_false",
-        help="skip loading the export with transformers and comparing logits",
+        help="skip checking the export against the checkpoint (hf: logits via transformers; "
+        "gguf: every tensor read back)",
     )
     p.set_defaults(func=cmd_export)
 
