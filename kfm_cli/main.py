@@ -64,9 +64,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         )
     from kfm.train.trainer import train
 
+    hook = None
+    if cfg.eval.tasks and cfg.eval.interval > 0:  # in-loop benchmarks (eval/inloop.py)
+        from eval.inloop import build_hook
+        from kfm.tokenizer import load_tokenizer
+
+        hook = build_hook(cfg, load_tokenizer(cfg.tokenizer.path))
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the run
     try:
-        summary = train(cfg)
+        summary = train(cfg, benchmark_hook=hook)
     except KeyboardInterrupt:  # a second Ctrl-C (or one before the loop started)
         if rank0:
             print(
