@@ -41,6 +41,7 @@ from transformers import (
 
 import kfm
 from kfm.config import ModelConfig
+from kfm.export.card import architecture_lines
 from kfm.fs import EXPORT_FORMAT, EXPORT_MARKER, check_output_dir, publish_dir
 from kfm.model import ffn_hidden_dim
 
@@ -248,13 +249,13 @@ def _load_tokenizer(tokenizer_dir: Path, vocab_size: int) -> transformers.PreTra
 def _model_card(
     cfg: ModelConfig, model: torch.nn.Module, dtype: torch.dtype, extra: str | None
 ) -> str:
+    """README.md of a plain export: architecture and usage. Its license is left open
+    (``license: other``); `kfm release` writes the full card with the chosen license."""
     hf_cfg: Any = model.config
-    arch = type(model).__name__
-    n_params = sum(p.numel() for p in model.parameters())  # parameters() lists a tied weight once
     lines = [
         "---",
         "library_name: transformers",
-        "license: other  # TODO: set the license before publishing",
+        "license: other",
         "language: [ko, en]",
         "tags: [kfm, medical, biomedical, causal-lm]",
         "---",
@@ -266,15 +267,12 @@ def _model_card(
         "",
         "## Architecture",
         "",
-        f"- class: `{arch}` (`model_type: {hf_cfg.model_type}`)",
-        f"- parameters: {n_params:,} ({n_params / 1e6:.1f} M)",
-        f"- layers: {cfg.n_layers}, d_model: {cfg.d_model}, heads: {cfg.n_heads} "
-        f"(kv heads: {cfg.n_kv_heads or cfg.n_heads}), head_dim: {_head_dim(cfg)}",
-        f"- SwiGLU hidden: {ffn_hidden_dim(cfg)}, RMSNorm eps: {cfg.norm_eps}, "
-        f"QK norm: {cfg.qk_norm}",
-        f"- RoPE theta: {cfg.rope_theta}, max positions: {cfg.max_seq_len}",
-        f"- vocabulary: {cfg.vocab_size}, tied embeddings: {cfg.tie_embeddings}",
-        f"- weights stored as: {str(dtype).removeprefix('torch.')}",
+        *architecture_lines(
+            cfg,
+            hf_class=type(model).__name__,
+            model_type=hf_cfg.model_type,
+            dtype=str(dtype).removeprefix("torch."),
+        ),
         "",
         "## Usage",
         "",
@@ -286,7 +284,8 @@ def _model_card(
         "",
         "## License",
         "",
-        "TODO: license placeholder. Set it (and the front-matter field) before publishing.",
+        "Not set: this is a working export. `kfm release` writes a release folder with a license,",
+        "a full model card, the data card and the release checks.",
         "",
     ]
     if extra:
@@ -304,6 +303,7 @@ def export_hf(
     overwrite: bool = False,
     extra_readme: str | None = None,
     source: str | Path | None = None,
+    max_shard_size: str | int | None = None,
 ) -> Path:
     """Write a transformers model directory for the kfm weights ``state`` of model ``cfg``.
 
@@ -311,9 +311,10 @@ def export_hf(
     ids from the tokenizer), the tokenizer files (when ``tokenizer_dir`` is given), a README.md
     model card stub with ``extra_readme`` appended, and ``kfm_export.json`` (kfm version, the
     ``source`` checkpoint, tokenizer and dtype) by which a later ``overwrite`` recognises the
-    folder. Everything is written into ``OUT.tmp-<pid>`` and renamed to ``out_dir`` at the end,
-    so a crash never leaves a half-written export under the final name and an old export is
-    removed only once the new one is complete. Weights are cast to ``dtype``.
+    folder. ``max_shard_size`` (bytes or "5GB") splits the weights into shards (transformers'
+    default otherwise). Everything is written into ``OUT.tmp-<pid>`` and renamed to ``out_dir``
+    at the end, so a crash never leaves a half-written export under the final name and an old
+    export is removed only once the new one is complete. Weights are cast to ``dtype``.
 
     Returns the output path. Raises ``OutputError`` (``kfm.fs``) when out_dir is not new or empty
     and not a kfm export with ``overwrite``, or is, contains or lies inside ``source``, the
@@ -365,7 +366,10 @@ def export_hf(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        model.save_pretrained(str(tmp))  # transformers 5 always writes safetensors
+        # transformers 5 always writes safetensors; above max_shard_size it writes
+        # model-0000k-of-0000n.safetensors plus model.safetensors.index.json.
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(str(tmp), **kwargs)
         if tok is not None:
             tok.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(
