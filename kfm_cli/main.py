@@ -798,6 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
         "other folder); the old one is removed once the new one is written",
     )
     p.set_defaults(func=cmd_import_hf)
+    from kfm_cli.release import add_parser as add_release_parser  # kfm release (release.py)
+
+    add_release_parser(sub)
 
     p = sub.add_parser(
         "data",
