@@ -99,7 +99,7 @@ def model_config_from_hf(hf_dir: str | Path) -> ModelConfig:
         HFImportError: naming the config.json key kfm cannot compute exactly: another
             model_type or architecture, ``hidden_act`` other than silu, ``attention_bias`` or
             ``mlp_bias``, a ``rope_type`` other than default (``rope_scaling``), sliding-window
-            layers (``layer_types``/``use_sliding_window``), ``head_dim`` other than
+            layers (``layer_types``), ``head_dim`` other than
             ``hidden_size // num_attention_heads``, or head counts that do not divide.
     """
     hf_dir = Path(hf_dir)
@@ -136,14 +136,15 @@ def model_config_from_hf(hf_dir: str | Path) -> ModelConfig:
         raise refuse(
             "rope_scaling.rope_type", rope_type, "scales RoPE (kfm's RoPE is the default one)"
         )
+    # layer_types is what transformers' Qwen3 attends by (use_sliding_window only fills it).
     layer_types = getattr(hf, "layer_types", None) or []
     sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
-    if sliding or getattr(hf, "use_sliding_window", False):
+    if sliding:
         raise refuse(
-            "layer_types" if sliding else "use_sliding_window",
-            [layer_types[i] for i in sliding[:1]] or True,
-            f"makes layers {sliding or 'some'} attend over a sliding window (kfm attends "
-            "over the full causal context)",
+            "layer_types",
+            layer_types[sliding[0]],
+            f"makes layers {sliding} attend over a sliding window (kfm attends over the full "
+            "causal context)",
         )
     d_model, n_heads = int(hf.hidden_size), int(hf.num_attention_heads)
     if d_model % n_heads:
@@ -453,15 +454,14 @@ def _empty_model(cfg: ModelConfig, world_size: int) -> nn.Module:
 def _preset(cfg: ModelConfig, out: Path) -> str:
     import yaml
 
-    model = {k: v for k, v in asdict(cfg).items() if v != getattr(ModelConfig(), k)}
-    text = yaml.safe_dump(
-        {
-            "model": model,
-            "tokenizer": {"path": str(out / TOKENIZER_DIR)},
-            "checkpoint": {"init_from": str(out)},
-        },
-        sort_keys=False,
-    )
+    preset: dict[str, Any] = {
+        "model": {k: v for k, v in asdict(cfg).items() if v != getattr(ModelConfig(), k)},
+        "tokenizer": {"path": str(out / TOKENIZER_DIR)},
+        "checkpoint": {"init_from": str(out)},
+    }
+    if cfg.max_seq_len < DataConfig().seq_len:  # the default sequence would not fit RoPE's table
+        preset["data"] = {"seq_len": cfg.max_seq_len}
+    text = yaml.safe_dump(preset, sort_keys=False)
     return (
         f"# Written by `kfm import-hf`: the imported architecture and tokenizer, and init_from.\n"
         f"# Train from it: kfm train {out / TRAIN_PRESET} --data.sources=... (shards packed with\n"
@@ -497,6 +497,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     rank, world_size = _rank_world()
     hf_dir = Path(hf_dir).resolve()
     cfg = model_config_from_hf(hf_dir)
+    weight_map(hf_dir)  # no safetensors: refused before anything is written
     out = check_output_dir(out_dir, "import", inputs=[hf_dir], overwrite=overwrite, flag="OUT")
     hf_cfg = _read_hf_config(hf_dir)
     arch = SUPPORTED[hf_cfg.model_type][0]
