@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from eval.report.runs import Run
-from eval.report.scores import parse_bench_key
+from eval.report.scores import parse_bench_key, scores_from_results
 
 PANEL_INCHES = (6.4, 3.6)
 """Width and height of one panel."""
@@ -52,6 +52,8 @@ class Line:
     xs: list[float]
     ys: list[float]
     style: dict[str, Any]
+    intervals: list[tuple[float, float] | None] | None = None
+    """95% intervals drawn as error bars (None: no bar at that point)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,32 +117,39 @@ def _bpb_title(key: str) -> str:
     return f"language {rest[len('lang/') :]}" if rest.startswith("lang/") else f"source {rest}"
 
 
-def bench_series(run: Run) -> dict[tuple[str, str], dict[str, tuple[list[float], list[float]]]]:
-    """(task, metric) -> {"results": (tokens, values), "in-loop": (tokens, values)} of a run:
-    results.json files (kfm eval --tasks) and in-loop ``bench/<task>/<metric>`` metrics."""
-    out: dict[tuple[str, str], dict[str, tuple[list[float], list[float]]]] = {}
+@dataclass(kw_only=True)
+class BenchSeries:
+    """One metric of one task of one run against tokens seen, with 95% intervals (or None)."""
+
+    xs: list[float] = field(default_factory=list)
+    ys: list[float] = field(default_factory=list)
+    intervals: list[tuple[float, float] | None] = field(default_factory=list)
+
+
+def bench_series(run: Run) -> dict[tuple[str, str], dict[str, BenchSeries]]:
+    """(task, metric) -> {"results": ..., "in-loop": ...} of a run: results.json files
+    (kfm eval --tasks, with the intervals of scores.py) and in-loop ``bench/<task>/<metric>``."""
+    out: dict[tuple[str, str], dict[str, BenchSeries]] = {}
     for step in sorted(run.results):
         results = run.results[step]
         tokens = results["kfm"].get("tokens")
         x = float(tokens) if isinstance(tokens, int | float) else run.tokens_at(step)
         if x is None:
             continue
-        for task, entry in sorted(results.get("results", {}).items()):
-            for key, value in entry.items() if isinstance(entry, dict) else ():
-                metric, _, filt = key.partition(",")
-                if filt not in ("", "none") or metric.endswith("_stderr"):
-                    continue
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    xs, ys = out.setdefault((task, metric), {}).setdefault("results", ([], []))
-                    xs.append(x)
-                    ys.append(float(value))
+        for s in scores_from_results(results):
+            series = out.setdefault((s.task, s.metric), {}).setdefault("results", BenchSeries())
+            series.xs.append(x)
+            series.ys.append(s.value)
+            series.intervals.append(s.interval)
     for key in sorted(run.metric_keys()):
         parsed = parse_bench_key(key)
         if parsed is None or parsed[1].endswith("_stderr") or parsed[1] in ("n", "chance"):
             continue
         xs, ys = run.series(key)
         if xs:
-            out.setdefault(parsed, {})["in-loop"] = (xs, ys)
+            out.setdefault(parsed, {})["in-loop"] = BenchSeries(
+                xs=xs, ys=ys, intervals=[None] * len(xs)
+            )
     return out
 
 
@@ -172,13 +181,16 @@ def bench_panels(runs: list[Run]) -> list[Panel]:
         for i, series in enumerate(per_run):
             found = series.get((task, metric), {})
             if "results" in found:
-                xs, ys = found["results"]
+                r = found["results"]
                 style = {"color": _colour(i), "marker": "o", "linestyle": "-"}
-                lines.append(Line(label=runs[i].label, xs=xs, ys=ys, style=style))
+                lines.append(
+                    Line(label=runs[i].label, xs=r.xs, ys=r.ys, style=style, intervals=r.intervals)
+                )
             if "in-loop" in found:
-                xs, ys = found["in-loop"]
+                r = found["in-loop"]
                 style = {"color": _colour(i), "marker": "x", "linestyle": "--"}
-                lines.append(Line(label=f"{runs[i].label} (in-loop)", xs=xs, ys=ys, style=style))
+                label = f"{runs[i].label} (in-loop)"
+                lines.append(Line(label=label, xs=r.xs, ys=r.ys, style=style))
         chance = _chance(runs, task)
         panels.append(
             Panel(
@@ -268,7 +280,7 @@ FIGURES = (
         "(eval.tasks)",
         note="One panel per task, its first metric of "
         + ", ".join(BENCH_METRICS)
-        + ". Solid with dots: results files (kfm eval --tasks); dashed with crosses: in-loop "
+        + ". Solid with dots and 95% interval bars: results files (kfm eval --tasks); dashed with crosses: in-loop "
         "values (eval.tasks, a fixed subset of eval.task_limit items); dotted grey: chance.",
     ),
 )
@@ -296,7 +308,18 @@ def draw(panels: list[Panel], path: Path) -> tuple[int, int]:
         for line in panel.lines:
             marker = line.style.get("marker") or ("o" if len(line.xs) <= 2 else None)
             style = {**line.style, "marker": marker, "markersize": 4, "linewidth": 1.4}
-            ax.plot(line.xs, line.ys, label=line.label, **style)
+            if line.intervals and any(line.intervals):
+                below = [
+                    y - iv[0] if iv else 0.0 for y, iv in zip(line.ys, line.intervals, strict=True)
+                ]
+                above = [
+                    iv[1] - y if iv else 0.0 for y, iv in zip(line.ys, line.intervals, strict=True)
+                ]
+                ax.errorbar(
+                    line.xs, line.ys, yerr=[below, above], capsize=3, label=line.label, **style
+                )
+            else:
+                ax.plot(line.xs, line.ys, label=line.label, **style)
         for label, level in panel.hlines.items():
             ax.axhline(level, color="grey", linestyle=":", linewidth=1.2, label=label)
         if panel.log_y and all(y > 0 for ln in panel.lines for y in ln.ys if math.isfinite(y)):
