@@ -190,22 +190,37 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _completeness(path: Path, data: dict[str, Any]) -> tuple[bool, int, bool]:
+    """Sort key: a result of whole sets (no --limit) first, then the larger limit, then the
+    settings-default file name ``results.json`` (eval/bench.py names others results-<hash>.json)."""
+    limit = data["kfm"].get("limit")
+    return (limit is None, limit if isinstance(limit, int) else 0, path.name == RESULTS_FILE)
+
+
 def read_results(run_dir: Path) -> tuple[dict[int, dict[str, Any]], dict[int, Path], list[str]]:
-    """step -> results.json of ``run_dir/eval/*/``, the files, and notes on files skipped."""
+    """step -> benchmark results of ``run_dir/eval/<step_dir>/results*.json``, the files, and
+    notes on files skipped. A step with several files (other --limit or --num-fewshot settings)
+    keeps the one that scored the most items (see `_completeness`)."""
     results: dict[int, dict[str, Any]] = {}
     files: dict[int, Path] = {}
     notes = []
-    for path in sorted((run_dir / "eval").glob(f"*/{RESULTS_FILE}")):
+    for path in sorted((run_dir / "eval").glob("*/results*.json")):
         data = _read_json(path)
         meta = data.get("kfm") if isinstance(data, dict) else None
         step = meta.get("step") if isinstance(meta, dict) else None
         if not isinstance(step, int) or not isinstance(data.get("results"), dict):
             notes.append(f"skipped {path.relative_to(run_dir)}: not a kfm benchmark result")
             continue
-        if step in results:  # the same step evaluated twice (another step dir name): keep the later
+        if step in results:
+            keep, drop = (files[step], path)
+            if _completeness(path, data) > _completeness(files[step], results[step]):
+                keep, drop = path, files[step]
+                results[step], files[step] = data, path
             notes.append(
-                f"{files[step].relative_to(run_dir)} replaced by a later file of step {step}"
+                f"step {step}: shows {keep.relative_to(run_dir)}, not {drop.relative_to(run_dir)} "
+                "(fewer items or other settings)"
             )
+            continue
         results[step], files[step] = data, path
     return results, files, notes
 

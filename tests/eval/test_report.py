@@ -206,7 +206,7 @@ def test_report_refuses_bad_inputs_and_outputs(runs, tiny_sources, tmp_path, cap
 def hand_built_run(root: Path) -> Path:
     """A run whose metrics.jsonl has two world sizes (2, then 4 after a resume at step 2 that
     logs steps 3-4 again), a NaN loss at its last step, in-loop bench metrics and a line cut off
-    by a crash; a results file at step 4."""
+    by a crash; two results files at step 4 (all 50 items, and a --limit 4 one)."""
     run = root / "hand"
     run.mkdir()
     cfg = load_config(REPO / "configs/tiny.yaml", ["--train.name=hand"])
@@ -237,6 +237,9 @@ def hand_built_run(root: Path) -> Path:
     text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo'
     (run / "metrics.jsonl").write_text(text)
     write_results(run, 4, results_file(4, p=0.6, n=50, f1=0.41, f1_stderr=0.05))
+    # A second result of step 4 with other settings (--limit 4), named as eval/bench.py names it.
+    small = results_file(4, p=0.25, n=4, f1=0.2, f1_stderr=0.2)
+    (run / "eval" / "step_000004" / "results-0000abcd.json").write_text(json.dumps(small))
     return run
 
 
@@ -256,6 +259,10 @@ def test_hand_built_run_resume_nan_world_sizes_and_intervals(tmp_path):
     assert "- hand: 1 unreadable line(s) of metrics.jsonl skipped" in md
     assert "- hand: 1 non-finite training loss value(s), drawn as gaps" in md
     assert "One run: nothing to compare." in md
+    assert (
+        "- hand: step 4: shows eval/step_000004/results.json, not "
+        "eval/step_000004/results-0000abcd.json (fewer items or other settings)" in md
+    )
     row = table_rows(md, "Runs and compute")[0]
     assert row[6] == "2/4" and row[7] == f"{compute.device_s / 3600:.3g}"
     assert row[10] == "nan"
