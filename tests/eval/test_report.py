@@ -316,3 +316,26 @@ def test_a_run_without_eval_or_benchmarks_skips_those_plots(tmp_path):
         assert f"- {missing}: " in md
     assert "![Throughput]" not in md and not (tmp_path / "out" / "throughput.png").exists()
     assert "No benchmark results" in md
+
+
+def test_config_diff_names_absent_keys_and_indexed_sources(tmp_path):
+    sources = (
+        "--data.sources=[{name: a, path: /x/a, weight: 1.0}, {name: b, path: /x/b, weight: 1.0}]"
+    )
+    dirs = []
+    for name, weight in (("one", "1.0"), ("two", "3.0")):
+        run = tmp_path / name
+        run.mkdir()
+        cfg = load_config(REPO / "configs/tiny.yaml", [sources.replace("1.0}]", f"{weight}}}]")])
+        text = dump_yaml(cfg)
+        if name == "two":  # a run made by a kfm without eval.at_start
+            text = text.replace("  at_start: true\n", "")
+        (run / "config.yaml").write_text(text)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 7.0}) + "\n")
+        dirs.append(run)
+    md = write_report(dirs, out=tmp_path / "out").report.read_text()
+    diff = {r[0].strip("`"): r[1:] for r in table_rows(md, "Config differences")}
+    assert diff == {
+        "data.sources[1].weight": ["`1.0`", "`3.0`"],
+        "eval.at_start": ["`true`", "*absent*"],
+    }
