@@ -359,3 +359,57 @@ def test_another_tokenizer_is_refused(imported):
     check_source(path, manifest, cfg, manifest["tokenizer_hash"])  # its own: fine
     with pytest.raises(ConfigError, match="kfm pack --tokenizer .*tokenizer"):
         check_source(path, manifest, cfg, "0" * 64)
+
+
+def test_eval_and_export_take_an_import(imported, tiny_sources, tmp_path, capsys):
+    from kfm_cli.main import main
+
+    out = shutil.copytree(imported, tmp_path / "imported", symlinks=True)
+    assert main(["export", str(out), str(tmp_path / "hf")]) == 0
+    printed = capsys.readouterr().out
+    assert "matches" in printed and "max |logits_kfm - logits_hf| = 0.00e+00" in printed
+    assert main(["eval", str(out), "--data", tiny_sources[0]["path"], "--batches", "1"]) == 0
+    assert "validation loss" in capsys.readouterr().out
+
+
+def test_run_choices_pass_and_deepspeed_is_refused(imported):
+    from dataclasses import replace
+
+    from kfm.train.dist import WorldInfo
+    from kfm.train.init_from import init_from_weights
+
+    path = imported / "checkpoints" / "step_000000"
+    manifest = json.loads((path / "manifest.json").read_text())
+    cfg = config_from_dict(manifest["config"])
+    cfg.model = replace(cfg.model, max_seq_len=64, attn_backend="sdpa", document_masking=False)
+    cfg.model.init_std = 0.5
+    check_source(path, manifest, cfg, manifest["tokenizer_hash"])  # not architecture keys
+    cfg.parallel.backend = "deepspeed"
+    with pytest.raises(ConfigError, match="parallel.backend=fsdp"):
+        init_from_weights(cfg, None, WorldInfo(0, 1, 0), {"tokenizer_hash": ""})  # type: ignore[arg-type]
+
+
+def test_init_from_takes_a_kfm_run_too(tiny_sources, tmp_path_factory):
+    from kfm.train.dist import WorldInfo
+    from kfm.train.init_from import find_source
+
+    run = tiny_run(tiny_sources, tmp_path_factory)
+    cfg = config_from_dict(json.loads((run.checkpoint(2) / "manifest.json").read_text())["config"])
+    for arg in (run.run_dir, run.run_dir / "checkpoints", run.checkpoint(2)):
+        assert find_source(str(arg), cfg, WorldInfo(0, 1, 0)) == run.checkpoint(2)
+    with pytest.raises(ConfigError, match="does not exist"):
+        find_source(str(run.run_dir / "nope"), cfg, WorldInfo(0, 1, 0))
+
+
+def test_a_bos_token_set_in_tokenizer_config_keeps_the_hash(imported, tmp_path):
+    """Qwen3's tokenizer has no bos_token, which kfm pack needs: setting one in
+    tokenizer_config.json does not change the tokenizer's identity (the hash of tokenizer.json)."""
+    from kfm.tokenizer import load_tokenizer
+
+    tok = shutil.copytree(imported / "tokenizer", tmp_path / "tok")
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config["bos_token"] = "<|pad|>"
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    assert tokenizer_hash(tok) == tokenizer_hash(imported / "tokenizer")
+    loaded = load_tokenizer(tok)
+    assert loaded.bos_token_id == loaded.convert_tokens_to_ids("<|pad|>") != 0
