@@ -219,7 +219,9 @@ def scores_section(runs: list[Run]) -> list[str]:
     for run in runs:
         if run.results:
             step = max(run.results)
-            final.append((f"step {step}", scores_from_results(run.results[step])))
+            limit = run.results[step]["kfm"].get("limit")
+            where = f"step {step}" + (f", first {limit} items" if limit else "")
+            final.append((where, scores_from_results(run.results[step])))
         else:
             final.append(("no results", []))
     in_loop: list[tuple[str, list[Score]]] = []

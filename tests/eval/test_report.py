@@ -339,3 +339,18 @@ def test_config_diff_names_absent_keys_and_indexed_sources(tmp_path):
         "data.sources[1].weight": ["`1.0`", "`3.0`"],
         "eval.at_start": ["`true`", "*absent*"],
     }
+
+
+@pytest.mark.slow
+def test_report_reads_a_real_kfm_eval_result(runs, capsys):
+    """kfm eval --tasks writes the results file kfm report reads (the contract, not a copy)."""
+    _, low = runs
+    assert main(["eval", str(low), "--tasks", "kfm_pubmedqa", "--limit", "4"]) == 0
+    assert main(["report", str(low)]) == 0
+    md = (low / "report" / "report.md").read_text()
+    data = json.loads((low / "eval" / "step_000006" / "results.json").read_text())
+    p = data["results"]["kfm_pubmedqa"]["acc,none"]
+    lo, hi = wilson_interval(p, 4)
+    rows = {(r[0], r[1]): r for r in table_rows(md, "Benchmark scores")}
+    assert rows[("kfm_pubmedqa", "acc")][3] == f"{p:.4f} [{lo:.4f}, {hi:.4f}], n=4"
+    assert "low (step 6, first 4 items)" in md
