@@ -8,9 +8,10 @@ The hook wraps the live model (single-device or FSDP2/TP-sharded) in `eval.lm.Kf
 deals each batch of requests out over the data-parallel ranks in lockstep, and runs lm-eval on a
 fixed subset: the first ``eval.task_limit`` items of each task, ``eval.task_fewshot`` shots from
 a fixed-seed sample, so the numbers of two evaluations differ only by the weights. The tasks
-are resolved and their data read once, when the hook is built (a bad name or missing data stops
-``kfm train`` before the first step); lm-eval's global RNG seeding is switched off, so
-evaluating leaves the training RNG streams as they were.
+are resolved and their data read once, when the hook is built (a bad name stops ``kfm train``
+before the first step; a task whose data is absent is left out with a warning). Each
+evaluation runs lm-eval's ``evaluate`` on them, not ``simple_evaluate``, which would reseed the
+global RNGs (the training's streams) and collect the environment each time.
 
 Metrics: ``bench/<task>/<metric>`` for every numeric metric lm-eval reports per task and group
 (acc, acc_norm and their ``_stderr``...; a metric under a filter other than "none" is named
@@ -20,6 +21,7 @@ Metrics: ``bench/<task>/<metric>`` for every numeric metric lm-eval reports per 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from kfm.config import Config, ConfigError
@@ -46,21 +48,22 @@ def bench_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def build_hook(cfg: Config, tokenizer: Any) -> BenchmarkHook | None:
-    """The benchmark hook of ``cfg.eval`` (None when eval.tasks is empty or eval.interval is 0).
+    """The benchmark hook of ``cfg.eval``: None when eval.tasks is empty, eval.interval is 0 or
+    no task's data can be read. A task whose data cannot be read (its eval set is not on this
+    machine) is left out with a warning naming it.
 
     ``tokenizer``: the run's (kfm.tokenizer.load_tokenizer of tokenizer.path). The hook scores
     with ``train.micro_batch_size`` rows per forward per data-parallel rank and windows of up to
     ``model.max_seq_len`` tokens. Every rank must build it and call it at the same steps.
 
     Raises:
-        ConfigError: an unknown task name, or a task whose data cannot be read (naming
-            eval.tasks).
+        ConfigError: an unknown task name (naming eval.tasks and close names).
         ImportError: lm-eval is not installed (kfm_cli names the kfm[eval] extra).
     """
     ec = cfg.eval
     if not ec.tasks or ec.interval == 0:
         return None
-    import lm_eval
+    from lm_eval.evaluator import evaluate
 
     from eval.bench import BOOTSTRAP_ITERS, BenchmarkError, load_tasks, task_manager
     from eval.lm import KfmLM
@@ -77,9 +80,20 @@ def build_hook(cfg: Config, tokenizer: Any) -> BenchmarkHook | None:
         try:
             loaded.append(load_tasks(manager, name, num_fewshot=ec.task_fewshot))
         except (BenchmarkError, EvalSetUnavailable) as e:
-            raise ConfigError(
-                f"eval.tasks: {e} (drop {name} from --eval.tasks, or make its data available)"
-            ) from None
+            # Data absent on this machine (a fresh quickstart without the shared eval sets): the
+            # run goes on without the task rather than failing for an optional measurement.
+            warnings.warn(
+                f"eval.tasks: {name} is left out of in-loop evaluation: {e}", stacklevel=2
+            )
+    if not loaded:
+        return None
+    # Built once: lm-eval's task dict with the shots set as simple_evaluate would set them.
+    # Each evaluation then calls lm-eval's evaluate() only: simple_evaluate would also reseed the
+    # global RNGs and collect the environment (pip, nvidia-smi: ~1 s of subprocesses) each time.
+    task_dict = manager.load([obj for objects in loaded for obj in objects])
+    for task in task_dict["tasks"].values():
+        if task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=ec.task_fewshot)
     limit = ec.task_limit or None
 
     def hook(model: Any, step: int) -> dict[str, float]:
@@ -92,23 +106,15 @@ def build_hook(cfg: Config, tokenizer: Any) -> BenchmarkHook | None:
             max_length=cfg.model.max_seq_len,
             progress=False,
         )
-        metrics: dict[str, float] = {}
-        for objects in loaded:
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=objects,
-                num_fewshot=ec.task_fewshot,
-                limit=limit,
-                bootstrap_iters=BOOTSTRAP_ITERS,  # acc's stderr is closed-form whatever this is
-                log_samples=False,
-                task_manager=manager,
-                random_seed=None,  # leave the training RNG streams alone
-                numpy_random_seed=None,
-                torch_random_seed=None,
-                fewshot_random_seed=FEWSHOT_SEED,
-            )
-            if out is not None:  # rank 0; the others log nothing
-                metrics |= bench_metrics(out)
-        return metrics
+        for task in task_dict["tasks"].values():
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)  # the same shots at every evaluation
+        out = evaluate(
+            lm=lm,
+            task_dict=task_dict,
+            limit=limit,
+            bootstrap_iters=BOOTSTRAP_ITERS,  # acc's stderr is closed-form whatever this is
+            log_samples=False,
+        )
+        return bench_metrics(out) if out is not None else {}  # None: not rank 0
 
     return hook

@@ -130,6 +130,20 @@ def test_unknown_task_is_a_config_error(tiny_model_and_cfg) -> None:
     assert build_hook(cfg, None) is None
 
 
+def test_task_without_data_is_left_out(tiny_model_and_cfg, tmp_path, monkeypatch) -> None:
+    """A task whose eval set is not on this machine (a fresh quickstart without the shared data)
+    is left out with a warning naming it; with no task left there is no hook."""
+    pytest.importorskip("lm_eval")
+    from eval.inloop import build_hook
+    from eval.registry import DATA_ROOT_ENV
+
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))  # an empty shared-data folder
+    cfg = copy.deepcopy(tiny_model_and_cfg[1])
+    cfg.eval.tasks = ["kfm_pubmedqa"]
+    with pytest.warns(UserWarning, match="eval.tasks: kfm_pubmedqa is left out of in-loop"):
+        assert build_hook(cfg, None) is None
+
+
 def _bench_run(tiny_sources, tmp_path_factory, nproc: int):
     args = (
         _sources_flag(tiny_sources),
