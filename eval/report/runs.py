@@ -285,6 +285,8 @@ def labels_for(paths: list[Path], labels: list[str] | None) -> list[str]:
                 f"--labels has {len(labels)} label(s) for {len(paths)} run(s): give one per "
                 "RUN_DIR, comma-separated, in the same order"
             )
+        if not all(labels):
+            raise ReportError(f"--labels has an empty label ({','.join(labels)}): name every run")
         if len(set(labels)) != len(labels):
             raise ReportError(f"--labels repeats a label ({','.join(labels)}): give unique ones")
         return labels

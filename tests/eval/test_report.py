@@ -190,6 +190,10 @@ def test_report_refuses_bad_inputs_and_outputs(runs, tiny_sources, tmp_path, cap
 
     assert main(["report", str(high), str(low), "--labels", "one"]) == 1
     assert "--labels has 1 label(s) for 2 run(s)" in capsys.readouterr().err
+    assert main(["report", str(high), str(low), "--labels", "a,"]) == 1
+    assert "--labels has an empty label (a,)" in capsys.readouterr().err
+    assert main(["report", str(high), str(low), "--labels", "a,a"]) == 1
+    assert "--labels repeats a label (a,a)" in capsys.readouterr().err
 
     notes = tmp_path / "notes"
     notes.mkdir()
