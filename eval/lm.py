@@ -116,6 +116,14 @@ def mesh_layout(model: nn.Module) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), 1
 
 
+def _autocast(dtype: str, model: nn.Module) -> torch.dtype | None:
+    """bf16 autocast for a bf16 evaluation, except on an FSDP2 model, whose
+    MixedPrecisionPolicy already gathers bf16 parameters (as in training)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.bfloat16 if dtype == "bf16" and not isinstance(model, FSDPModule) else None
+
+
 def _set_rope(model: Transformer, device: torch.device) -> None:
     """Fill the non-persistent RoPE tables, which a meta-device build leaves empty."""
     cfg = model.cfg
@@ -259,25 +267,70 @@ class KfmLM(TemplateLM):
         dev = torch.device(device)
         if parallel is None:
             model = _load_single(step_dir, cfg, dev)
-            autocast = torch.bfloat16 if dtype == "bf16" else None
         else:
             model = _load_sharded(step_dir, cfg, parallel, dev, dtype=dtype, manifest=manifest)
-            autocast = None  # FSDP2's MixedPrecisionPolicy gathers bf16 params for bf16
-            if dtype == "bf16" and not _dist_ranks():
-                autocast = torch.bfloat16
         lm = cls(
             model,
             check.tokenizer,
             device=dev,
             batch_size=batch_size,
             max_length=max_length,
-            autocast_dtype=autocast,
+            autocast_dtype=_autocast(dtype, model),
             progress=progress,
         )
         lm.config = cfg
         lm.checkpoint = step_dir
         lm.tokenizer_hash = check.tokenizer_hash
         lm.tokenizer_check = describe(check, tok_path)
+        return lm
+
+    @classmethod
+    def from_hf(
+        cls,
+        hf_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        parallel: ParallelConfig | None = None,
+        dtype: Literal["fp32", "bf16"] = "fp32",
+        max_length: int | None = None,
+        progress: bool = True,
+    ) -> KfmLM:
+        """Evaluate a Hugging Face Llama/Qwen3 folder (e.g. an open model, or kfm's own export)
+        with kfm's model code: `kfm.export.hf_import` maps its config.json to a kfm
+        ModelConfig (refusing what kfm cannot compute exactly) and streams its safetensors
+        tensor by tensor into the model. ``parallel``, ``dtype`` and the rest as in
+        `from_checkpoint`; with ``parallel`` each rank reads only its own slice of each tensor.
+        The tokenizer is the folder's own (``tokenizer_hash`` is its sha256; nothing to check
+        it against).
+
+        Raises:
+            HFImportError: a config key or tensor kfm's model cannot hold, named.
+            TokenizerNotFoundError: the folder has no tokenizer.json.
+            ValueError: ``parallel`` given without a process group.
+        """
+        from kfm.config import Config
+        from kfm.export.hf_import import load_hf_weights, model_config_from_hf
+        from kfm.tokenizer.core import load_tokenizer, tokenizer_hash
+
+        folder = Path(hf_dir)
+        digest = tokenizer_hash(folder)
+        tokenizer = load_tokenizer(folder)
+        cfg = Config(model=model_config_from_hf(folder))
+        dev = torch.device(device)
+        model = _empty_model(cfg, dev, parallel=parallel, dtype=dtype, what="from_hf")
+        load_hf_weights(model, folder, cfg=cfg.model)
+        lm = cls(
+            model.eval(),
+            tokenizer,
+            device=dev,
+            batch_size=batch_size,
+            max_length=max_length,
+            autocast_dtype=_autocast(dtype, model),
+            progress=progress,
+        )
+        lm.config = cfg
+        lm.tokenizer_hash = digest
         return lm
 
     # -- what lm-eval reads ---------------------------------------------------------------
@@ -581,18 +634,52 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 # -- loading --------------------------------------------------------------------------------
 
 
-def _load_single(step_dir: Path, cfg: Config, device: torch.device) -> Transformer:
-    """The full model on ``device`` with the checkpoint's weights (built on meta: no random
-    init of weights that are overwritten anyway)."""
-    from kfm.checkpoint import load_model_state
+def _empty_model(
+    cfg: Config,
+    device: torch.device,
+    *,
+    parallel: ParallelConfig | None,
+    dtype: Literal["fp32", "bf16"],
+    what: str,
+) -> Transformer:
+    """cfg's model built on the meta device (no memory, no random init), parallelised over the
+    mesh of ``parallel`` if given (collective), then given uninitialised storage on ``device``
+    (each rank: its shards only) and its RoPE tables; the weights are for the caller to load.
 
-    state, _ = load_model_state(step_dir)
+    Raises:
+        ValueError: ``parallel`` given without a process group (``what`` names the caller).
+    """
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    model.to_empty(device=device)
-    if cfg.model.tie_embeddings:  # to_empty gives each name its own tensor: tie them again
-        model.output.weight = model.tok_embeddings.weight
+    if parallel is not None:
+        from kfm.parallel import build_mesh, parallelize
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                f"KfmLM.{what}(parallel=...) needs a process group: run it under torchrun "
+                "inside kfm.train.dist.process_group, or pass parallel=None for one process"
+            )
+        eval_cfg = replace(
+            cfg,
+            parallel=replace(parallel, ac="none", fp8="none"),
+            train=replace(cfg.train, compile=False, dtype=dtype),
+        )
+        parallelize(
+            model, eval_cfg, build_mesh(eval_cfg.parallel, dist.get_world_size(), device.type)
+        )
+    model.to_empty(device=device)  # DTensor params are swapped in place, so ties survive;
+    if cfg.model.tie_embeddings and not isinstance(model.tok_embeddings.weight, DTensor):
+        model.output.weight = model.tok_embeddings.weight  # plain ones are untied: tie again
     _set_rope(model, device)
+    return model
+
+
+def _load_single(step_dir: Path, cfg: Config, device: torch.device) -> Transformer:
+    """The full model on ``device`` with the checkpoint's weights."""
+    from kfm.checkpoint import load_model_state
+
+    state, _ = load_model_state(step_dir)  # validates the manifest and every file's sha256
+    model = _empty_model(cfg, device, parallel=None, dtype="fp32", what="from_checkpoint")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -609,34 +696,18 @@ def _load_sharded(
     dtype: Literal["fp32", "bf16"],
     manifest: dict[str, Any],
 ) -> Transformer:
-    """The model built on meta, parallelised over ``parallel``'s mesh, each rank's shards read
-    from the DCP checkpoint (collective)."""
+    """The model sharded over ``parallel``'s mesh, each rank's shards read from the DCP
+    checkpoint (collective; DCP reshards from the layout the checkpoint was saved in)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from kfm.checkpoint import agree_on_checkpoint
-    from kfm.parallel import build_mesh, parallelize
 
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            "KfmLM.from_checkpoint(parallel=...) needs a process group: run it under torchrun "
-            "inside kfm.train.dist.process_group, or pass parallel=None for one process"
-        )
     if manifest.get("backend") == "deepspeed":
         raise CheckpointError(
             f"{step_dir} is a DeepSpeed checkpoint: load it with parallel=None (one full model)"
         )
-    eval_cfg = replace(
-        cfg,
-        parallel=replace(parallel, ac="none", fp8="none"),
-        train=replace(cfg.train, compile=False, dtype=dtype),
-    )
-    mesh = build_mesh(eval_cfg.parallel, dist.get_world_size(), device.type)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    parallelize(model, eval_cfg, mesh)
-    model.to_empty(device=device)  # DTensor params are swapped in place: ties survive
-    _set_rope(model, device)
+    model = _empty_model(cfg, device, parallel=parallel, dtype=dtype, what="from_checkpoint")
     # Each rank hashes its share of the checkpoint's files; all ranks fail together.
     if agree_on_checkpoint([step_dir], verify_hashes=True) is None:
         raise CheckpointError(f"checkpoint {step_dir} failed validation (see the warning above)")

@@ -4,8 +4,10 @@ The reference is lm-eval's own HFLM on the same checkpoint exported with `kfm.ex
 both must give the same log-likelihoods (1e-4 absolute), greedy flags, rolling log-likelihoods
 and greedy generations, on real registry items turned into (context, continuation) requests,
 some longer than the model's 128 positions (left-truncated). Then: batch size and padding do
-not change a number; from_model leaves the model as it found it; two gloo ranks with the model
-FSDP2-sharded (meta init + DCP load) or tensor-parallel give the single process's numbers.
+not change a number; from_model leaves the model as it found it; from_hf on the export gives
+the checkpoint's numbers; two gloo ranks with the model FSDP2-sharded (meta init + DCP load, or
+streamed from the HF folder), tensor-parallel, or replicated give the single process's numbers
+on both ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from lm_eval.api.instance import Instance
 
 from eval.lm import KfmLM
 from eval.registry import iter_items
+from kfm.tokenizer.core import tokenizer_hash
 from tests.checkpoint.conftest import run_gloo_ranks
 from tests.conftest import REPO
 from tests.eval.checks import STEP, swapped_tokenizer, tiny_run
@@ -89,10 +91,8 @@ def native_results(native: KfmLM) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hflm(run_dir: Path, tmp_path_factory):
-    """lm-eval's HFLM on the checkpoint exported to a transformers folder."""
-    from lm_eval.models.huggingface import HFLM
-
+def hf_dir(run_dir: Path, tmp_path_factory) -> Path:
+    """The checkpoint exported to a transformers folder (kfm.export.export_hf)."""
     from kfm.checkpoint import load_model_state
     from kfm.config import config_from_dict
     from kfm.export.hf import export_hf
@@ -106,7 +106,15 @@ def hflm(run_dir: Path, tmp_path_factory):
         tokenizer_dir=cfg.tokenizer.path,
         source=run_dir / "checkpoints" / STEP,
     )
-    return HFLM(pretrained=str(out), batch_size=4, device="cpu", dtype="float32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def hflm(hf_dir: Path):
+    """lm-eval's HFLM on the exported folder: the reference implementation."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(hf_dir), batch_size=4, device="cpu", dtype="float32")
 
 
 def test_loglikelihood_matches_hflm(native_results: dict, native: KfmLM, hflm) -> None:
@@ -134,13 +142,22 @@ def test_rolling_matches_hflm(native_results: dict, native: KfmLM, hflm) -> None
 
 def test_generate_matches_hflm(native_results: dict, hflm) -> None:
     ours = native_results["generate"]
-    hflm_1 = hflm  # HFLM left-pads a batch; one request per batch compares cleanly
+    # One request per call: HFLM left-pads a batch, which moves float noise around.
     theirs = [
-        hflm_1.generate_until(_instances("generate_until", [g]), disable_tqdm=True)[0]
+        hflm.generate_until(_instances("generate_until", [g]), disable_tqdm=True)[0]
         for g in GENERATE
     ]
     assert ours == theirs
-    assert all("\n" not in text for text in ours[:1]) and any(ours)
+    assert "\n" not in ours[0] and all(ours)
+
+
+def test_from_hf_matches_the_checkpoint(hf_dir: Path, native_results: dict) -> None:
+    lm = KfmLM.from_hf(hf_dir, batch_size=8, progress=False)
+    assert lm.tokenizer_hash == tokenizer_hash(hf_dir) and lm.checkpoint is None
+    ours = lm.loglikelihood(_instances("loglikelihood", _requests()))
+    for (a, ga), (b, gb) in zip(ours, native_results["loglikelihood"], strict=True):
+        assert abs(a - b) < 1e-5 and ga == gb
+    assert lm.generate_until(_instances("generate_until", GENERATE)) == native_results["generate"]
 
 
 def test_batch_size_and_padding_do_not_change_numbers(native: KfmLM, native_results) -> None:
@@ -148,7 +165,9 @@ def test_batch_size_and_padding_do_not_change_numbers(native: KfmLM, native_resu
         native.model, native.tokenizer, device="cpu", batch_size=1, progress=False
     )
     requests = _instances("loglikelihood", _requests())
-    for (a, ga), (b, gb) in zip(one.loglikelihood(requests), native_results["loglikelihood"]):
+    for (a, ga), (b, gb) in zip(
+        one.loglikelihood(requests), native_results["loglikelihood"], strict=True
+    ):
         assert abs(a - b) < 1e-5 and ga == gb
     rolling = one.loglikelihood_rolling(
         _instances("loglikelihood_rolling", [(t,) for t in _rolling_texts()])
@@ -224,12 +243,18 @@ from kfm.train.dist import process_group, world_from_env
 from eval.lm import KfmLM
 from lm_eval.api.instance import Instance
 
-run_dir, out, requests = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+run_dir, hf_dir, out, requests = sys.argv[1:4] + [json.loads(sys.argv[4])]
 world = world_from_env()
 results = {}
 with process_group(ParallelConfig(dist_backend="gloo"), world, torch.device("cpu")):
-    for name, parallel in (("fsdp", ParallelConfig()), ("tp", ParallelConfig(dp_shard=1, tp=2))):
-        lm = KfmLM.from_checkpoint(run_dir, parallel=parallel, batch_size=2, progress=False)
+    setups = (
+        ("fsdp", KfmLM.from_checkpoint, run_dir, ParallelConfig()),
+        ("tp", KfmLM.from_checkpoint, run_dir, ParallelConfig(dp_shard=1, tp=2)),
+        ("hf_fsdp", KfmLM.from_hf, hf_dir, ParallelConfig()),
+        ("replica", KfmLM.from_checkpoint, run_dir, None),
+    )
+    for name, build, source, parallel in setups:
+        lm = build(source, parallel=parallel, batch_size=2, progress=False)
         model = lm.model
         sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
         inst = lambda kind, args: [Instance(kind, {}, tuple(a), i) for i, a in enumerate(args)]
@@ -247,7 +272,7 @@ with open(f"{out}/rank{world.rank}.json", "w") as f:
 
 
 def test_two_ranks_sharded_match_one_process(
-    run_dir: Path, native_results: dict, tmp_path: Path
+    run_dir: Path, hf_dir: Path, native_results: dict, tmp_path: Path
 ) -> None:
     requests = {
         "loglikelihood": _requests()[:-2],  # 19 requests: not divisible by 2 ranks x batch 2
@@ -255,10 +280,10 @@ def test_two_ranks_sharded_match_one_process(
         "generate": [list(g) for g in GENERATE],
     }
     assert len(requests["loglikelihood"]) % 4 != 0
-    sys.path.insert(0, str(REPO))
     run_gloo_ranks(
         f"import sys; sys.path.insert(0, {str(REPO)!r})\n" + RANK_SCRIPT,
         str(run_dir),
+        str(hf_dir),
         str(tmp_path),
         json.dumps(requests),
         timeout=300,
@@ -267,12 +292,15 @@ def test_two_ranks_sharded_match_one_process(
     n = len(requests["loglikelihood"])
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for name, dp in (("fsdp", [rank, 2]), ("tp", [0, 1])):
+        setups = {"fsdp": [rank, 2], "tp": [0, 1], "hf_fsdp": [rank, 2], "replica": [rank, 2]}
+        for name, dp in setups.items():
             res = got[name]
-            assert res["sharded"] and res["dp"] == dp, (name, res["dp"])
+            assert res["sharded"] is (name != "replica") and res["dp"] == dp, (name, res)
             assert res["tied"], name  # meta init + to_empty kept the tied embedding
             assert len(res["loglikelihood"]) == n
-            for (a, ga), (b, gb) in zip(res["loglikelihood"], ref["loglikelihood"][:n]):
+            for (a, ga), (b, gb) in zip(
+                res["loglikelihood"], ref["loglikelihood"][:n], strict=True
+            ):
                 assert abs(a - b) < 1e-5 and ga == gb, (name, a, b)
             # Sums over ~100-1000 tokens: 1e-5 per 100 tokens of float32 summation-order noise.
             assert res["rolling"] == pytest.approx(ref["rolling"], rel=1e-7, abs=1e-5), name
