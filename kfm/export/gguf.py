@@ -45,7 +45,7 @@ import kfm
 from kfm.config import ModelConfig
 from kfm.export.hf import ExportError, to_hf_state_dict
 from kfm.fs import EXPORT_FORMAT, EXPORT_MARKER, check_output_dir, publish_dir
-from kfm.model import ffn_hidden_dim
+from kfm.model import Transformer, ffn_hidden_dim
 
 GgufDtype = Literal["fp32", "fp16", "bf16", "q8_0"]
 GGUF_DTYPES: tuple[GgufDtype, ...] = ("fp32", "fp16", "bf16", "q8_0")
@@ -129,6 +129,24 @@ def _rope_heads(cfg: ModelConfig, gguf_name: str) -> int | None:
     return None
 
 
+def _check_shapes(state: dict[str, Tensor], cfg: ModelConfig) -> None:
+    """Raise ``ExportError`` naming each tensor whose shape is not what ``cfg`` builds (the
+    metadata written from ``cfg`` would not describe the weights)."""
+    with torch.device("meta"):  # shapes only: no memory, no init
+        expected = Transformer(cfg).state_dict()
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if bad:
+        raise ExportError(
+            "checkpoint tensor shapes do not match the model config (check --model.d_model, "
+            "--model.n_heads, --model.n_kv_heads, --model.ffn_hidden, --model.vocab_size):\n  "
+            + "\n  ".join(bad)
+        )
+
+
 def gguf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """kfm state dict -> {GGUF tensor name: tensor in GGUF's layout}, in the order written.
 
@@ -137,6 +155,7 @@ def gguf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Ten
     permuted copies of them, not cast. Raises ``ExportError`` like ``to_hf_state_dict``.
     """
     hf_state = to_hf_state_dict(state, cfg)
+    _check_shapes(state, cfg)
     names = _gguf_names(cfg, hf_state)
     out: dict[str, Tensor] = {}
     for hf_name, tensor in hf_state.items():

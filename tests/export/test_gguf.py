@@ -349,6 +349,13 @@ def test_wrong_state_dict_names_the_keys(tmp_path: Path) -> None:
     del state["layers.0.attention.wq.weight"]
     with pytest.raises(ExportError, match="missing keys .*layers.0.attention.wq.weight"):
         gguf_state_dict(state, cfg)
+    wider = ModelConfig(vocab_size=1024, d_model=64, n_layers=1, n_heads=4, ffn_hidden=256)
+    with pytest.raises(
+        ExportError,
+        match=r"feed_forward.w1.weight: checkpoint \(192, 64\) vs "
+        r"config \(256, 64\)",
+    ):
+        gguf_state_dict(_random(cfg), wider)
 
 
 def test_refusals(run_dir: Path, tmp_path: Path, capsys) -> None:
