@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, TOKENIZER
 
@@ -100,6 +101,10 @@ def test_sample_run_outputs(sample_run: Path) -> None:
             assert row["pack_tokens"] == n_tokens
     langs = {r["language"] for r in sources.values()}
     assert {"ko", "en"} <= langs or None in langs
+    # train.yaml labels the single-language sources, for kfm train's val_bpb/lang/<code>
+    train = yaml.safe_load((sample_run / "train.yaml").read_text())
+    labelled = {s["name"]: s.get("language") for s in train["data"]["sources"]}
+    assert {"en", "ko"} <= set(labelled.values()), labelled
     # every stage's steps reconcile and chain: what one step kept, the next one received
     curate = [s for s in stats["stages"] if s["stage"] == "curate"]
     for prev, nxt in zip(curate, curate[1:], strict=False):
