@@ -405,6 +405,7 @@ class KfmLM(TemplateLM):
         # left-truncated to max_length); each request scores the last len(continuation)
         # positions of its row.
         rows: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        truncated = 0
         for i, (_, context, continuation) in enumerate(requests):
             if not context or not continuation:
                 raise ValueError(
@@ -416,10 +417,17 @@ class KfmLM(TemplateLM):
                     f"request {i}: continuation of {len(continuation)} tokens is longer than "
                     f"max_length={self.max_length}"
                 )
+            truncated += len(context) + len(continuation) > self.max_length + 1
             window = (context + continuation)[-(self.max_length + 1) :][:-1]
             rows.setdefault(tuple(window), []).append((i, continuation))
-        if len(rows) < len(requests):
-            log.debug("%d requests share %d rows", len(requests), len(rows))
+        if truncated:  # one line per call (HFLM warns once per request)
+            log.warning(
+                "%d of %d requests are longer than max_length=%d tokens: their contexts were "
+                "left-truncated",
+                truncated,
+                len(requests),
+                self.max_length,
+            )
 
         def score(batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]) -> list:
             logits = self._forward([list(window) for window, _ in batch])  # (b, T, V)

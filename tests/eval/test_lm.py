@@ -199,6 +199,19 @@ def test_progress_bar_only_when_asked(native: KfmLM, capsys) -> None:
     assert "kfm loglikelihood" not in capsys.readouterr().err
 
 
+def test_truncation_is_reported_once_per_call(native: KfmLM, caplog) -> None:
+    requests = _requests()
+    n_long = sum(len(native.tok_encode(c + x)) > MAX_LEN + 1 for c, x in requests)
+    assert n_long > 0
+    with caplog.at_level("WARNING", logger="eval.lm"):
+        native.loglikelihood(_instances("loglikelihood", requests))
+    lines = [r.getMessage() for r in caplog.records if "left-truncated" in r.getMessage()]
+    assert lines == [
+        f"{n_long} of {len(requests)} requests are longer than max_length={MAX_LEN} tokens: "
+        "their contexts were left-truncated"
+    ]
+
+
 def test_bf16_is_close_to_fp32(run_dir: Path, native_results: dict) -> None:
     lm = KfmLM.from_checkpoint(run_dir, dtype="bf16", batch_size=8, progress=False)
     assert lm.autocast_dtype == torch.bfloat16
