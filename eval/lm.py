@@ -26,9 +26,10 @@ rows is dealt out round-robin over the data-parallel ranks (rank r takes rows r,
 sorted rows, so every rank's longest row is about as long as the others'); a short last batch
 is padded with copies of its first row whose results are dropped. Every rank therefore runs the
 same number of forwards, which FSDP2's per-block all-gathers require, and a rank never waits
-longer than one forward of the others. Results come back with one ``all_gather_object`` per
-call, so every rank returns the full list and computes the same metrics; the caller writes them
-on rank 0 only. Ranks that differ only in their tensor-parallel coordinate hold one model
+longer than one forward of the others (generation adds one small all-reduce per new token, so
+that all ranks stop together). Results come back with one ``all_gather_object`` per call, so
+every rank returns the full list and computes the same metrics; the caller writes them on rank
+0 only. Ranks that differ only in their tensor-parallel coordinate hold one model
 replica in pieces and get the same rows (the data-parallel coordinate comes from the mesh of
 the model's DTensor parameters).
 """
@@ -138,9 +139,10 @@ class KfmLM(TemplateLM):
     how it runs on several ranks. Build it with `from_checkpoint` or `from_model`.
 
     Attributes besides lm-eval's: ``model``, ``tokenizer``, ``config`` (the checkpoint's
-    `Config`, or None for `from_model`), ``checkpoint`` (the step dir, or None),
-    ``tokenizer_hash`` (sha256 of tokenizer.json when checked against a checkpoint),
-    ``tokenizer_check`` (one line saying what the tokenizer was checked against).
+    `Config`; for `from_hf` defaults around the folder's model; None for `from_model`),
+    ``checkpoint`` (the step dir, or None), ``tokenizer_hash`` (sha256 of tokenizer.json;
+    None for `from_model`), ``tokenizer_check`` (`from_checkpoint`: one line saying what the
+    tokenizer was checked against), ``dp_rank``/``dp_size`` (this rank's share of the rows).
     """
 
     backend = "causal"

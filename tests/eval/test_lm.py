@@ -133,6 +133,9 @@ def test_loglikelihood_matches_hflm(native_results: dict, native: KfmLM, hflm) -
 def test_rolling_matches_hflm(native_results: dict, native: KfmLM, hflm) -> None:
     texts = _rolling_texts()
     assert len(native.tok_encode(texts[-1])) > 2 * MAX_LEN  # several windows
+    # As HFLM: the text's own bos (kfm's tokenizer adds one) after the prefix token, also bos.
+    bos = native.tokenizer.bos_token_id
+    assert native.tok_encode(texts[0])[0] == native.prefix_token_id == bos
     theirs = hflm.loglikelihood_rolling(
         _instances("loglikelihood_rolling", [(t,) for t in texts]), disable_tqdm=True
     )
@@ -174,6 +177,30 @@ def test_batch_size_and_padding_do_not_change_numbers(native: KfmLM, native_resu
     )
     assert rolling == pytest.approx(native_results["rolling"], abs=1e-5)
     assert one.generate_until(_instances("generate_until", GENERATE)) == native_results["generate"]
+
+
+def test_one_row_serves_requests_with_the_same_input(native: KfmLM) -> None:
+    """Letter answers to one prompt differ only in their last token: one row for all four."""
+    items = list(itertools.islice(iter_items("medqa_usmle"), 3))
+    prompts = [
+        f"Question: {it.question[-200:]}\n"
+        + "".join(f"{k}. {c}\n" for k, c in zip("ABCD", it.choices, strict=True))
+        + "Answer:"
+        for it in items
+    ]
+    pairs = [(p, f" {letter}") for p in prompts for letter in "ABCD"]
+    rows: list[int] = []
+    hook = native.model.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    try:
+        together = native.loglikelihood(_instances("loglikelihood", pairs))
+        assert sum(rows) == len(prompts)  # 12 requests, 3 rows
+        alone = [native.loglikelihood(_instances("loglikelihood", [p]))[0] for p in pairs]
+    finally:
+        hook.remove()
+    assert sum(rows) == len(prompts) + len(pairs)
+    assert len({logp for logp, _ in together}) > len(prompts)  # letters score differently
+    for (a, ga), (b, gb) in zip(together, alone, strict=True):
+        assert abs(a - b) < 1e-5 and ga == gb
 
 
 def test_from_model_restores_mode_and_leaves_params(native: KfmLM) -> None:
@@ -244,6 +271,11 @@ def test_bad_requests_are_refused(native: KfmLM, run_dir: Path) -> None:
         native.generate_until(_instances("generate_until", [("Hi", {"max_gen_toks": MAX_LEN})]))
     with pytest.raises(ValueError, match="needs a process group"):
         KfmLM.from_checkpoint(run_dir, parallel=ParallelConfig())
+    tok = native.tokenizer
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        KfmLM.from_model(native.model, tok, device="cpu", batch_size=0)
+    with pytest.raises(ValueError, match=r"max_length=129 must be in \[2, model.max_seq_len=128\]"):
+        KfmLM.from_model(native.model, tok, device="cpu", max_length=MAX_LEN + 1)
 
 
 # -- two gloo ranks -----------------------------------------------------------------------
