@@ -36,6 +36,7 @@ the model's DTensor parameters).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -544,9 +545,16 @@ class KfmLM(TemplateLM):
         round-robin to the data-parallel ranks and call ``run(this rank's items)`` once per
         batch on every rank; ``run`` returns, per item, its ``(request index, result)`` pairs.
         A short share is padded with copies of the batch's first item, whose results are
-        dropped. Returns every rank's pairs as one dict, on every rank."""
+        dropped. Returns every rank's pairs as one dict, on every rank.
+
+        Raises:
+            RuntimeError: (on every rank) the ranks were given different requests, which would
+                make their forward counts differ and hang FSDP2's collectives.
+        """
         order = Collator(items, sort_fn=sort_key)
         dp, rank = self.dp_size, self.dp_rank
+        if _dist_ranks():
+            _check_same_requests([sort_key(item) for item in items], desc)
         main = not _dist_ranks() or dist.get_rank() == 0
         bar = tqdm(
             total=total,
@@ -632,6 +640,20 @@ class KfmLM(TemplateLM):
             [(row.index, postprocess_generated_text(self.tok_decode(tokens), row.until, None))]
             for row, tokens in zip(rows, new, strict=True)
         ]
+
+
+def _check_same_requests(keys: list[Any], desc: str) -> None:
+    """Raise on every rank unless every rank holds the same request rows (one all-gather of a
+    32-byte digest per call: a mismatch becomes an error instead of a hang)."""
+    digest = hashlib.sha256(repr(keys).encode()).hexdigest()
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, (digest, len(keys)))
+    if any(d != digests[0] for d in digests):
+        counts = ", ".join(f"rank {r}: {n}" for r, (_, n) in enumerate(digests))
+        raise RuntimeError(
+            f"KfmLM.{desc}: the ranks were given different requests ({counts} rows); every "
+            "rank must make the same lm-eval calls with the same tasks, limit and few-shot seed"
+        )
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

@@ -298,8 +298,9 @@ with process_group(ParallelConfig(dist_backend="gloo"), world, torch.device("cpu
         ("hf_fsdp", KfmLM.from_hf, hf_dir, ParallelConfig()),
         ("replica", KfmLM.from_checkpoint, run_dir, None),
     )
+    lms = {}
     for name, build, source, parallel in setups:
-        lm = build(source, parallel=parallel, batch_size=2, progress=False)
+        lm = lms[name] = build(source, parallel=parallel, batch_size=2, progress=False)
         model = lm.model
         sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
         inst = lambda kind, args: [Instance(kind, {}, tuple(a), i) for i, a in enumerate(args)]
@@ -311,6 +312,12 @@ with process_group(ParallelConfig(dist_backend="gloo"), world, torch.device("cpu
             "rolling": lm.loglikelihood_rolling(inst("loglikelihood_rolling", requests["rolling"])),
             "generate": lm.generate_until(inst("generate_until", requests["generate"])),
         }
+    # A rank given other requests: an error on every rank, not a hang in FSDP2's all-gathers.
+    mine = requests["loglikelihood"][: 5 + world.rank]
+    try:
+        lms["fsdp"].loglikelihood(inst("loglikelihood", mine))
+    except RuntimeError as e:
+        results["mismatch"] = str(e)
 with open(f"{out}/rank{world.rank}.json", "w") as f:
     json.dump(results, f)
 """
@@ -350,3 +357,4 @@ def test_two_ranks_sharded_match_one_process(
             # Sums over ~100-1000 tokens: 1e-5 per 100 tokens of float32 summation-order noise.
             assert res["rolling"] == pytest.approx(ref["rolling"], rel=1e-7, abs=1e-5), name
             assert res["generate"] == ref["generate"], name
+        assert "rank 0: 5, rank 1: 6 rows" in got["mismatch"]
