@@ -8,14 +8,18 @@ Each set's SOURCE.md gives its provenance and license; `SHIPPED_SETS` maps the f
 - sets of short sentences or chat pairs (KLUE, KorNLU, the chatbot pairs, the news sentences) are
   grouped, in file order, `SENTENCES_PER_DOC` per document one per line, so that quality filters
   see paragraphs rather than one-liners; sentence sets keep only the first occurrence of each
-  sentence (NLI premises repeat once per hypothesis);
+  sentence (STS sentences repeat across pairs);
 - ids are stable across runs: the record's own id, or a part name and a fixed group number;
 - attribution travels with the text (url, doi, journal, title, copyright_notice, attribution);
 - a set without a stated license (OHSUMED) gets a license string starting with "unknown" so that
   license filters treat it as having no grant.
 
 The evaluation sets of `eval.registry.EVAL_SETS` are deliberately not here: asking for one raises
-ValueError. `scripts/make_sample.py` builds the bundled sample from the helpers of this module.
+ValueError. Two shipped folders hold a registered benchmark beside pretraining text (KLUE-NLI in
+klue_dev/, XNLI-ko in kornlu/): `BENCHMARK_PARTS` names those parts, and a part whose set is
+registered is not among the set's `parts` (never read; asking for it raises ValueError), because
+decontamination cannot catch it all once sentences are regrouped and many are shorter than its
+n-grams. `scripts/make_sample.py` builds the bundled sample with the adapters of this module.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import gzip
 import io
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.registry import EVAL_SETS
@@ -43,8 +47,14 @@ EVAL_FOLDERS = frozenset(EVAL_SETS) | {
     Path(s.path).parts[0] for s in EVAL_SETS.values() if s.exclusive_folder
 }
 """Shared-data folders and names of evaluation sets; never readable as pretraining input (folders
-that also hold pretraining text, e.g. klue_dev/ beside KLUE-NLI, stay readable: decontamination
-removes the eval items from what is read there)."""
+that also hold pretraining text, e.g. klue_dev/ beside KLUE-NLI, stay readable: their adapters
+leave the benchmark's files out, see `BENCHMARK_PARTS`)."""
+BENCHMARK_PARTS: dict[str, dict[str, str]] = {
+    "klue_dev": {"nli": "klue_nli"},
+    "kornlu": {"xnli": "xnli_ko"},
+}
+"""Shipped set -> {part: the `eval.registry.EVAL_SETS` set that part's text is}. While that set is
+registered the part is not pretraining input: it is left out of the set's parts and refused."""
 
 Reader = Callable[[Path, str], Iterator[Record | Rejection]]
 
@@ -60,11 +70,14 @@ class ShippedSet:
     language: str | None
     """ISO code of its text; None when it differs per part (korean_english_news)."""
     parts: tuple[str, ...]
-    """Independently readable pieces, in reading order."""
+    """Independently readable pieces, in reading order (benchmark parts excluded)."""
     files: tuple[str, ...]
     """Files the adapter reads, relative to the folder (checked before any work)."""
     read: Reader
-    """(folder, part) -> records of that part, in file order."""
+    """(folder, part) -> records of that part, in file order; ValueError for a part not in parts
+    (a benchmark part names its eval set)."""
+    benchmark_parts: dict[str, str] = field(default_factory=dict)
+    """Parts left out because their text is a registered eval set: part -> EVAL_SETS name."""
 
 
 # ---- helpers shared with scripts/make_sample.py ----
@@ -229,7 +242,7 @@ def _klue_blocks(path: Path) -> Iterator[list[list[str]]]:
 
 
 def _klue(folder: Path, part: str) -> Iterator[Record | Rejection]:
-    if part in ("nli", "sts"):
+    if part in ("nli", "sts"):  # nli: read only when klue_nli is not a registered eval set
         fields = ("premise", "hypothesis") if part == "nli" else ("sentence1", "sentence2")
         file = folder / f"klue-{part}-v1.1_dev.json"
         rows = json.loads(read_text(file))
@@ -245,7 +258,7 @@ def _klue(folder: Path, part: str) -> Iterator[Record | Rejection]:
 
 def _kornlu(folder: Path, part: str) -> Iterator[Record | Rejection]:
     files: tuple[str, ...]
-    if part == "xnli":  # sentence1, sentence2, gold_label
+    if part == "xnli":  # sentence1, sentence2, gold_label; read only when xnli_ko is unregistered
         files, cols = ("xnli.dev.ko.tsv", "xnli.test.ko.tsv"), (0, 1)
     else:  # genre, filename, year, id, score, sentence1, sentence2
         files, cols = ("sts-train.tsv", "sts-dev.tsv", "sts-test.tsv"), (5, 6)
@@ -282,6 +295,47 @@ def _news(folder: Path, part: str) -> Iterator[Record | Rejection]:
     for rec in _grouped(unique(lines), part, str(path)):
         rec.language = language
         yield rec
+
+
+def _with_parts(
+    name: str,
+    license: str,
+    language: str | None,
+    part_files: Mapping[str, tuple[str, ...]],
+    read: Reader,
+) -> ShippedSet:
+    """A set of several parts (part -> the files it reads), less the parts of `BENCHMARK_PARTS`
+    whose eval set is registered; its reader refuses a part it does not offer."""
+    held_out = {
+        part: eval_set
+        for part, eval_set in BENCHMARK_PARTS.get(name, {}).items()
+        if eval_set in EVAL_SETS
+    }
+    parts = tuple(p for p in part_files if p not in held_out)
+
+    def checked(folder: Path, part: str) -> Iterator[Record | Rejection]:
+        # A plain function (not a generator), so a refused part raises at the call.
+        if part in held_out:
+            raise ValueError(
+                f"shipped set {name!r} part {part!r} is the benchmark set {held_out[part]!r} "
+                "(eval/registry.py EVAL_SETS), so it is never read as pretraining input; "
+                f"this set's pretraining parts: {', '.join(parts)}"
+            )
+        if part not in parts:
+            raise ValueError(
+                f"shipped set {name!r} has no part {part!r}; its parts: {', '.join(parts)}"
+            )
+        return read(folder, part)
+
+    return ShippedSet(
+        name=name,
+        license=license,
+        language=language,
+        parts=parts,
+        files=tuple(f for p in parts for f in part_files[p]),
+        read=checked,
+        benchmark_parts=held_out,
+    )
 
 
 def _one(name: str, license: str, language: str | None, file: str, read: Reader) -> ShippedSet:
@@ -324,30 +378,25 @@ SHIPPED_SETS: dict[str, ShippedSet] = {
             "medical_tc_test.csv.gz",
             _medical_abstracts,
         ),
-        ShippedSet(
-            name="klue_dev",
-            license="CC-BY-SA-4.0",
-            language="ko",
-            parts=("nli", "sts", "ner", "dp"),
-            files=tuple(
-                f"klue-{t}-v1.1_dev.{x}"
+        _with_parts(
+            "klue_dev",
+            "CC-BY-SA-4.0",
+            "ko",
+            {
+                t: (f"klue-{t}-v1.1_dev.{x}",)
                 for t, x in (("nli", "json"), ("sts", "json"), ("ner", "tsv"), ("dp", "tsv"))
-            ),
-            read=_klue,
+            },
+            _klue,
         ),
-        ShippedSet(
-            name="kornlu",
-            license="CC-BY-SA-4.0",
-            language="ko",
-            parts=("xnli", "korsts"),
-            files=(
-                "xnli.dev.ko.tsv",
-                "xnli.test.ko.tsv",
-                "sts-train.tsv",
-                "sts-dev.tsv",
-                "sts-test.tsv",
-            ),
-            read=_kornlu,
+        _with_parts(
+            "kornlu",
+            "CC-BY-SA-4.0",
+            "ko",
+            {
+                "xnli": ("xnli.dev.ko.tsv", "xnli.test.ko.tsv"),
+                "korsts": ("sts-train.tsv", "sts-dev.tsv", "sts-test.tsv"),
+            },
+            _kornlu,
         ),
         _one("korean_chatbot_data", "MIT", "ko", "ChatbotData.csv", _chatbot),
         ShippedSet(

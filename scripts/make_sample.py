@@ -3,7 +3,9 @@
 Re-runnable and deterministic: fixed selection order, sorted keys, gzip with mtime=0, so running it
 twice gives byte-identical files. Only permissively licensed sets are used (CC BY, CC0/public
 domain, MIT, CC BY-SA); non-commercial text (OpenStax), unlicensed text (OHSUMED) and every
-evaluation set (PubMedQA, MedQA, MedMCQA, MMLU) are deliberately left out.
+evaluation set (PubMedQA, MedQA, MedMCQA, MMLU, and KLUE-NLI / XNLI-ko beside the Korean
+pretraining text: the klue and kornlu files take only the parts the pipeline's adapters read,
+`data_pipeline.shipped.SHIPPED_SETS[...].parts`) are deliberately left out.
 
 Usage:
     python scripts/make_sample.py [--src /work/shared/data] [--out data/sample]
@@ -24,15 +26,15 @@ from pathlib import Path
 # sample and a pipeline run over the shipped sets agree on them.
 from data_pipeline.shipped import (
     SENTENCES_PER_DOC,
+    SHIPPED_SETS,
     chatbot_pairs,
     group,
     plos_license,
-    tsv_columns,
-    unique,
 )
+from kfm.data.readers import Record
 
-# Budgets in UTF-8 bytes of document text. English totals ~3 MB; Korean takes (nearly) all the
-# Korean the permissive sets offer (~3.2 MB, ~1.3 M characters), because it is scarce.
+# Budgets in UTF-8 bytes of document text. English totals ~3 MB; Korean takes all the Korean
+# pretraining text the permissive sets offer (~3.1 MB, ~1.28 M characters), because it is scarce.
 MEDQUAD_BYTES = 1_300_000
 PLOS_BYTES = 1_000_000
 CRAFT_BYTES = 800_000
@@ -215,45 +217,38 @@ def ko_chatbot(src: Path) -> tuple[list[dict], str]:
     )
 
 
-def klue(src: Path) -> tuple[list[dict], str]:
-    nli = json.loads((src / "klue_dev/klue-nli-v1.1_dev.json").read_text(encoding="utf-8"))
-    sts = json.loads((src / "klue_dev/klue-sts-v1.1_dev.json").read_text(encoding="utf-8"))
+def _shipped_parts(src: Path, shipped: str, prefix: str) -> tuple[list[dict], list[str]]:
+    """All records of a shipped set's pretraining parts (the pipeline's adapter), as documents."""
+    adapter = SHIPPED_SETS[shipped]
     docs = []
-    for task, sents in (
-        ("nli", unique(s for r in nli for s in (r["premise"], r["hypothesis"]))),
-        ("sts", unique(s for r in sts for s in (r["sentence1"], r["sentence2"]))),
-    ):
-        for i, t in enumerate(group(sents, SENTENCES_PER_DOC)):
+    for part in adapter.parts:
+        for rec in adapter.read(src / shipped, part):
+            if not isinstance(rec, Record):  # the KLUE/KorNLU readers reject nothing today
+                raise SystemExit(f"make_sample: {rec.where}: {rec.reason} ({rec.detail})")
             docs.append(
-                {"id": f"klue/{task}/{i:04d}", "text": t, "source": "klue_dev", "license": LIC_SA}
+                {"id": f"{prefix}/{rec.id}", "text": rec.text, "source": shipped, "license": LIC_SA}
             )
+    return docs, list(adapter.parts)
+
+
+def klue(src: Path) -> tuple[list[dict], str]:
+    docs, parts = _shipped_parts(src, "klue_dev", "klue")
     return docs, (
-        "KLUE NLI dev premises and hypotheses, and KLUE STS dev sentence1/sentence2, "
-        f"deduplicated (first occurrence kept), grouped {SENTENCES_PER_DOC} sentences per "
-        "document one per line; labels dropped. NER/DP dev not used."
+        f"The pipeline's klue_dev parts {', '.join(parts)}: KLUE STS dev sentence1/sentence2, "
+        "NER dev sentences (characters joined, tags dropped) and DP dev sentences (word forms "
+        f"joined by spaces), each deduplicated (first occurrence kept), grouped "
+        f"{SENTENCES_PER_DOC} sentences per document one per line; labels dropped. KLUE-NLI dev "
+        "is left out: it is the benchmark set klue_nli (eval/registry.py)."
     )
 
 
 def kornlu(src: Path) -> tuple[list[dict], str]:
-    d = src / "kornlu"
-    xnli = unique(
-        s for name in ("xnli.dev.ko.tsv", "xnli.test.ko.tsv") for s in tsv_columns(d / name, (0, 1))
-    )
-    sts = unique(
-        s
-        for name in ("sts-train.tsv", "sts-dev.tsv", "sts-test.tsv")
-        for s in tsv_columns(d / name, (5, 6))
-    )
-    docs = []
-    for task, sents in (("xnli", xnli), ("korsts", sts)):
-        for i, t in enumerate(group(sents, SENTENCES_PER_DOC)):
-            docs.append(
-                {"id": f"kornlu/{task}/{i:04d}", "text": t, "source": "kornlu", "license": LIC_SA}
-            )
+    docs, parts = _shipped_parts(src, "kornlu", "kornlu")
     return docs, (
-        "XNLI-ko dev+test sentence1/sentence2 and KorSTS train+dev+test sentence1/sentence2, "
-        f"deduplicated (first occurrence kept), grouped {SENTENCES_PER_DOC} sentences per "
-        "document one per line; labels and metadata dropped."
+        f"The pipeline's kornlu parts {', '.join(parts)}: KorSTS train+dev+test "
+        f"sentence1/sentence2, deduplicated (first occurrence kept), grouped {SENTENCES_PER_DOC} "
+        "sentences per document one per line; labels and metadata dropped. XNLI-ko dev/test is "
+        "left out: it is the benchmark set xnli_ko (eval/registry.py)."
     )
 
 
@@ -333,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         "gzip JSONL, one document per line with at least `id`, `text`, `source`, `license`.\n"
         "Text wording is never changed; only selection, joining and grouping as listed below.\n"
         "Left out on purpose: non-commercial sets (OpenStax), sets without a license (OHSUMED), "
-        "medical_abstracts_tc, and every evaluation set (PubMedQA, MedQA, MedMCQA, MMLU).\n\n"
+        "medical_abstracts_tc, and every evaluation set (PubMedQA, MedQA, MedMCQA, MMLU, "
+        "KLUE-NLI, XNLI-ko).\n\n"
         "| file | documents | characters | UTF-8 bytes | license |\n|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n\nLicense texts required by MIT and CC BY-SA are copied byte-for-byte in "

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,11 @@ pytest.importorskip("datatrove")
 from datatrove.data import Document  # noqa: E402
 from datatrove.utils.logging import logger  # noqa: E402
 
-from data_pipeline.shipped import SHIPPED_SETS, group, unique  # noqa: E402
+from data_pipeline import shipped  # noqa: E402
+from data_pipeline.shipped import BENCHMARK_PARTS, SHIPPED_SETS, group, unique  # noqa: E402
 from data_pipeline.steps.read import InputConfig, KfmReader  # noqa: E402
-from eval.registry import EVAL_SETS, data_root  # noqa: E402
-from kfm.data.readers import REJECT_REASONS, ReaderError  # noqa: E402
+from eval.registry import EVAL_SETS, data_root, iter_items  # noqa: E402
+from kfm.data.readers import REJECT_REASONS, ReaderError, Record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -429,12 +431,69 @@ def test_klue_ner_tags_removed_and_dp_rebuilt() -> None:
     _shared()  # the default folder: <shared data root>/klue_dev
     docs, _ = _read(InputConfig(name="klue", shipped="klue_dev"))
     parts = Counter(d.id.split("/")[1] for d in docs)
-    assert set(parts) == {"nli", "sts", "ner", "dp"}
+    assert parts == {"sts": 52, "ner": 250, "dp": 100}  # no "nli": KLUE-NLI is a benchmark
     ner = "\n".join(d.text for d in docs if d.id.startswith("klue/ner/"))
     assert ner.startswith("경찰은 또 성매매 알선 자금을 관리한 박씨의 딸(32)과")
     assert ":PS>" not in ner and ":OG>" not in ner
     dp = next(d.text for d in docs if d.id == "klue/dp/0000")
     assert dp.startswith("'K팝스타3’ 유희열이 홍정희의 탈락에 눈물을 흘렸다.\n")
+
+
+@cache
+def _nli_sentences() -> frozenset[str]:
+    """Every premise and hypothesis of the registered Korean NLI benchmarks, spaces collapsed."""
+    root = _shared()
+    return frozenset(
+        " ".join(s.split())
+        for name in ("klue_nli", "xnli_ko")
+        for item in iter_items(name, root=root)
+        for s in (item.context or "", item.question)
+    )
+
+
+def _leaked(texts: list[str]) -> list[str]:
+    nli = _nli_sentences()
+    return [line for t in texts for line in t.split("\n") if " ".join(line.split()) in nli]
+
+
+def test_benchmark_parts_are_refused_and_not_read() -> None:
+    """KLUE-NLI and XNLI-ko sit in pretraining folders: their parts are never read."""
+    root = _shared()
+    for name, held in BENCHMARK_PARTS.items():
+        adapter = SHIPPED_SETS[name]
+        assert adapter.benchmark_parts == held and set(held.values()) <= set(EVAL_SETS)
+        for part, eval_set in held.items():
+            assert part not in adapter.parts
+            assert EVAL_SETS[eval_set].path.split("/")[0] == name  # the benchmark's folder
+            with pytest.raises(
+                ValueError, match=f"part '{part}' is the benchmark set '{eval_set}'"
+            ):
+                adapter.read(root / name, part)
+        docs, _ = _read(InputConfig(name=name, format="shipped", paths=[str(root / name)]))
+        assert {d.id.split("/")[1] for d in docs} == set(adapter.parts)
+        assert _leaked([d.text for d in docs]) == []
+    with pytest.raises(ValueError, match="has no part 'nil'; its parts: sts, ner, dp"):
+        SHIPPED_SETS["klue_dev"].read(root / "klue_dev", "nil")
+
+
+def test_benchmark_part_is_read_once_unregistered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exclusion follows the registry: without klue_nli registered, NLI is input again."""
+    root = _shared()
+    monkeypatch.delitem(EVAL_SETS, "klue_nli")
+    files = {p: (f"klue-{p}-v1.1_dev.json",) for p in ("nli", "sts")}
+    adapter = shipped._with_parts("klue_dev", "CC-BY-SA-4.0", "ko", files, shipped._klue)
+    assert adapter.parts == ("nli", "sts") and adapter.benchmark_parts == {}
+    nli = [r.text for r in adapter.read(root / "klue_dev", "nli") if isinstance(r, Record)]
+    assert len(nli) == 200 and len(_leaked(nli)) == 4000  # premises + hypotheses, 20 per doc
+
+
+@pytest.mark.parametrize("sample", ["klue", "kornlu"])
+def test_sample_holds_no_nli_benchmark_sentence(sample: str) -> None:
+    """No line of the bundled Korean sample is a KLUE-NLI / XNLI-ko premise or hypothesis."""
+    with gzip.open(REPO / "data/sample" / f"{sample}.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    assert len(texts) == {"klue": 402, "kornlu": 771}[sample]
+    assert _leaked(texts) == []
 
 
 def test_make_sample_output_is_unchanged(tmp_path: Path) -> None:
