@@ -117,15 +117,17 @@ def _source_rows(cfg: Config, languages: dict[str, str]) -> list[SourceRow]:
     rows = []
     for source in cfg.data.sources:
         manifest = load_manifest(source.path)
-        licenses = sorted(
-            {str(s.get("license", "unknown")) for s in manifest["sources"]}
-            | {k for s in manifest["sources"] for k in s.get("document_licenses", {})}
+        # The source's license as packed (--license, else its documents' own fields); the
+        # flags look at every document license too, so one NC document in a set is not missed.
+        licenses = list(
+            dict.fromkeys(str(s.get("license", "unknown")) for s in manifest["sources"])
         )
-        flags = sorted({f for lic in licenses for f in license_flags(lic)})
+        every = licenses + [k for s in manifest["sources"] for k in s.get("document_licenses", {})]
+        flags = sorted({f for lic in every for f in license_flags(lic)})
         rows.append(
             SourceRow(
                 name=source.name,
-                license=", ".join(licenses) or "unknown",
+                license="; ".join(licenses) or "unknown",
                 weight=source.weight,
                 docs=sum(int(s["n_docs"]) for s in manifest["splits"].values()),
                 tokens=sum(int(s["n_tokens"]) for s in manifest["splits"].values()),
@@ -281,6 +283,32 @@ def eval_index() -> tuple[Any, list[str]]:
     return NgramIndex.build(texts), missing
 
 
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _readable_text(path: Path) -> str:
+    """A file's text as a reader sees it: the string values of a JSON or JSON-lines file (whose
+    escapes, \\n or \\uXXXX, would hide an item from the n-gram match), else its raw text."""
+    raw = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        return "\n".join(_strings(json.loads(raw)))
+    except ValueError:
+        pass
+    try:
+        return "\n".join(
+            s for line in raw.splitlines() if line.strip() for s in _strings(json.loads(line))
+        )
+    except ValueError:
+        return raw
+
+
 def check_no_eval_items(folder: Path, index: Any) -> str:
     """No file of ``folder`` carries an item of the eval sets in ``index`` (:func:`eval_index`):
     every file but the weights is matched with the rule that kept those items out of the
@@ -292,8 +320,7 @@ def check_no_eval_items(folder: Path, index: Any) -> str:
 
     files = [p for p in release_files(folder) if p.suffix != ".safetensors"]
     for path in files:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        found = contaminating(index.matches(text))
+        found = contaminating(index.matches(_readable_text(path)))
         if found:
             m = found[0]
             raise ReleaseError(
@@ -444,18 +471,19 @@ def release(
     for w in warnings:
         warn(f"warning: {w}")
 
-    index, unavailable = eval_index()
-    if unavailable:
-        warnings.append(
-            f"eval sets not available here, so the release is not checked for their items: "
-            f"{', '.join(unavailable)} (eval/registry.py says how to provide them)"
-        )
-        warn(f"warning: {warnings[-1]}")
-
     tok = load_tokenizer(tokenizer_dir)
     pii, line = _pii_audit(cfg, tok, n_docs=pii_sample, max_per_million=pii_max)
     checks.append(line)
     progress(f"check: {line}: ok")
+    index, unavailable = eval_index()
+    notes = []  # about the release process, not the model: in kfm_release.json, not the card
+    if unavailable:
+        notes.append(
+            f"eval sets not available here, so the release is not checked for their items: "
+            f"{', '.join(unavailable)} (eval/registry.py says how to provide them)"
+        )
+        warn(f"warning: {notes[-1]}")
+
     benchmarks, table, bpb = _eval_results(run_dir, ckpt)
 
     tmp = target.parent / f".{target.name}.release-{os.getpid()}"
@@ -542,7 +570,7 @@ def release(
             "license": lic.hub_id if lic.hub_id != "other" else lic.name,
             "dtype": DTYPES[dtype],
             "checks": checks,
-            "warnings": warnings,
+            "warnings": warnings + notes,
             "files": files,
         }
         atomic_write_text(tmp / RELEASE_MARKER, json.dumps(marker, indent=2) + "\n")
@@ -551,7 +579,7 @@ def release(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Release(Path(out), files, checks, warnings, time.perf_counter() - started)
+    return Release(Path(out), files, checks, warnings + notes, time.perf_counter() - started)
 
 
 def _pii_section(pii: PIIAuditResult) -> str:

@@ -652,5 +652,7 @@ def sample_training_text(
             start, end = int(idxs[f][local]), int(idxs[f][local + 1])
             ids = shards.read(int(tok_starts[f]) + start, min(end - start, max_tokens + 2))
             kept = [t for t in ids.tolist() if t not in (shards.bos_id, shards.eos_id)]
-            out.append((name, tokenizer.decode(kept, skip_special_tokens=False)))
+            text = tokenizer.decode(kept, skip_special_tokens=False)
+            # A cut document may end inside a character's bytes: drop its replacement char.
+            out.append((name, text.rstrip("\ufffd") if end - start > max_tokens + 2 else text))
     return out
