@@ -26,7 +26,7 @@ from eval.registry import iter_items
 from kfm.tokenizer.core import tokenizer_hash
 from tests.checkpoint.conftest import run_gloo_ranks
 from tests.conftest import REPO
-from tests.eval.checks import STEP, swapped_tokenizer, tiny_run
+from tests.eval.checks import STEP, swapped_tokenizer, tiny_run, unrecorded_copy
 
 MAX_LEN = 128  # configs/tiny.yaml model.max_seq_len
 
@@ -259,6 +259,15 @@ def test_tokenizer_checked_before_weights(run_dir: Path, tmp_path: Path) -> None
     tok = swapped_tokenizer(tmp_path / "tok")
     with pytest.raises(TokenizerMismatchError, match="not the tokenizer this checkpoint"):
         KfmLM.from_checkpoint(broken / "checkpoints" / STEP, tokenizer_dir=tok)
+
+
+def test_unchecked_tokenizer_is_said(run_dir: Path, tmp_path: Path, caplog) -> None:
+    """A checkpoint recording no tokenizer hash, of a run whose shards are gone: loads, warns."""
+    step_dir = unrecorded_copy(run_dir, tmp_path / "old", sources_gone=True)
+    with caplog.at_level("WARNING", logger="eval.lm"):
+        lm = KfmLM.from_checkpoint(step_dir, progress=False)
+    assert lm.tokenizer_check is not None and "NOT checked" in lm.tokenizer_check
+    assert any("NOT checked" in r.getMessage() for r in caplog.records)
 
 
 def test_bad_requests_are_refused(native: KfmLM, run_dir: Path) -> None:
