@@ -399,3 +399,38 @@ def test_training_text_sample_is_fixed_bounded_and_decodes_the_documents(tiny_so
     short = sample_training_text(sets, tok, n_docs=4, max_tokens=16)
     for (_, whole), (_, head) in zip(full, short, strict=True):
         assert whole.startswith(head) and 0 < len(head) < len(whole) // 4
+
+
+@pytest.mark.slow
+def test_release_of_a_curated_run_copies_its_data_card(tmp_path):
+    """`kfm data run` (every shipped set, 10 documents each; OpenStax is CC BY-NC-SA, OHSUMED has
+    no license grant) -> 2 training steps -> release: DATA_CARD.md is the curation card plus the
+    release's PII audit, languages come from its stats, both license warnings are in the card."""
+    pytest.importorskip("datatrove")
+    _shared_data_or_skip()
+    data = tmp_path / "data"
+    subprocess.run(
+        [sys.executable, "-m", "kfm_cli", "data", "run", "configs/data/sample.yaml",
+         f"--pipeline.output_dir={data}", "--pipeline.limit_per_input=10",
+         f"--pack.tokenizer={TOKENIZER}", "--pack.train_tokenizer=false",
+         "--card.train_preset=configs/tiny.yaml", "--pack.workers=1"],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "kfm_cli", "train", str(data / "train.yaml"),
+         f"--train.run_root={tmp_path}", "--train.name=curated", "--train.steps=2",
+         "--checkpoint.interval=2", "--eval.interval=0"],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    warned: list[str] = []
+    out = tmp_path / "curated" / "release"
+    release(tmp_path / "curated", out, after_checks=False, progress=print, warn=warned.append)
+    data_card = (out / "DATA_CARD.md").read_text()
+    original = (data / "DATA_CARD.md").read_text().rstrip()
+    assert data_card.startswith(original) and "## PII audit at release" in data_card
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "> **WARNING:** non-commercial training data: openstax_anatomy_physiology_2e" in card
+    assert "> **WARNING:** training data without a license grant: ohsumed_abstracts" in card
+    assert any("non-commercial" in w for w in warned)
+    assert "| klue_dev | ko |" in card and "| medquad | en |" in card
+    assert f"the data card of the curation run `{data.name}`" in card
