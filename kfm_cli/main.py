@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kfm.config import ConfigError
 from kfm.console import NORMAL, QUIET, VERBOSE, set_verbosity, verbosity
@@ -285,15 +285,21 @@ def _benchmarks(args: argparse.Namespace) -> int:
             pretrained=str(ckpt), tokenizer=str(tokenizer), batch_size=batch_size, device=device
         )
         run_dir, step_dir, step, tokens = ckpt, "", None, None
-        meta = {"checkpoint": ".", "model": "hf", "tokenizer_hash": tokenizer_hash(tokenizer)}
+        meta: dict[str, Any] = {
+            "checkpoint": ".",
+            "model": "hf",
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+        }
     else:
         from eval.lm import KfmLM
 
         lm = KfmLM.from_checkpoint(
             ckpt, device=device, batch_size=batch_size, tokenizer_dir=args.tokenizer
         )
-        _progress(lm.tokenizer_check)
-        step_path = Path(lm.checkpoint)
+        # from_checkpoint always sets these (None only for from_model)
+        assert lm.checkpoint is not None and lm.config is not None and lm.tokenizer_hash
+        _progress(lm.tokenizer_check or "")
+        step_path = lm.checkpoint
         run_dir, step_dir = step_path.parent.parent, step_path.name
         step = int(read_step(step_path))
         cfg = lm.config
@@ -303,6 +309,10 @@ def _benchmarks(args: argparse.Namespace) -> int:
             "model": "native",
             "tokenizer_hash": lm.tokenizer_hash,
         }
+        if cfg.data.sources:  # bits per byte per source and language on the run's val split
+            from eval.run import checkpoint_bpb
+
+            meta["bpb"] = checkpoint_bpb(step_path, model=lm.model)
     results = run_benchmarks(
         lm,
         tasks,

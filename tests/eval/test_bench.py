@@ -148,7 +148,6 @@ def test_cli_on_an_hf_folder(hf_dir: Path, capsys: pytest.CaptureFixture) -> Non
 
 
 def test_cli_on_a_native_checkpoint(tiny_sources, tmp_path_factory, capsys) -> None:
-    pytest.importorskip("eval.lm")
     from tests.eval.checks import STEP, tiny_run
 
     run_dir = tiny_run(tiny_sources, tmp_path_factory).run_dir
@@ -164,3 +163,11 @@ def test_cli_on_a_native_checkpoint(tiny_sources, tmp_path_factory, capsys) -> N
     manifest = json.loads((run_dir / "checkpoints" / STEP / "manifest.json").read_text())
     assert kfm["tokenizer_hash"] == manifest["tokenizer_hash"]
     assert set(kfm["seconds"]) == {"kfm_pubmedqa", "kfm_kormedmcqa"}
+    # bits per byte per source and language, as plain `kfm eval` (no --tasks) reports them
+    assert main(["eval", str(run_dir)]) == 0
+    bpb_file = json.loads((run_dir / "eval" / f"{STEP}.json").read_text())
+    assert kfm["bpb"]["all"] == pytest.approx(bpb_file["val_bpb"], rel=1e-9)
+    for key, value in bpb_file.items():
+        if key.startswith("val_bpb/"):
+            assert kfm["bpb"][key.removeprefix("val_bpb/")] == pytest.approx(value, rel=1e-9)
+    assert {"medquad", "ko_chatbot", "all"} <= set(kfm["bpb"]), kfm["bpb"]
