@@ -1,4 +1,5 @@
-"""`kfm` command line: train, doctor, tokenizer, pack, eval, export, report, data.
+"""`kfm` command line: train, plan, doctor, tokenizer, pack, eval, export, report, release,
+import-hf, data.
 
 The CLI is the composition root: it may import every package (kfm, eval, data_pipeline), and
 nothing imports it.
