@@ -5,7 +5,9 @@ The tiny trained run is exported through the real CLI in every dtype and read ba
 metadata against the run's config, and the vocabulary against the tokenizer. The q/k permutation
 is checked on its own: RoPE applied the way ggml's ``llama`` kernel does it (adjacent pairs) to
 the permuted weights gives the attention scores kfm's rotate_half RoPE gives on the originals.
-The slow test runs the file in llama.cpp (llama-cpp-python) and compares tokens and logits.
+The slow tests run the files in llama.cpp (llama-cpp-python): tokens and logits as kfm's, a
+negative control (the export without the permutation is far off), and q8_0 tensors byte-equal
+to llama.cpp's own quantizer's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tokenizers import Tokenizer
 from kfm.checkpoint import load_model_state
 from kfm.checkpoint.stepdir import read_manifest
 from kfm.config import Config, ModelConfig, config_from_dict
+from kfm.export import gguf as export_module
 from kfm.export.gguf import (
     GGUF_TOLERANCE,
     LLAMA_CPP_PRE,
@@ -411,41 +414,132 @@ def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(tmp_path: Path) -> None
 
 # ---- llama.cpp itself ---------------------------------------------------------------------------
 
+PROMPT = "환자는 2024년 3월 12일 급성 심근경색으로 내원. Troponin I 3.45 ng/mL, <|email|> 확인"
 
-@pytest.mark.slow
-def test_llama_cpp_runs_the_file_like_kfm(run_dir, checkpoint, tmp_path, capsys) -> None:
+
+def _llama_cpp():
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError as exc:
         pytest.skip(
-            f"llama.cpp runtime not installed ({exc}); `pip install llama-cpp-python` builds it "
-            "from source with cmake and a C++ compiler (~8 min on 2 cores)"
+            f"llama.cpp runtime not installed ({exc}): `pip install llama-cpp-python` builds "
+            "llama.cpp from source (cmake and a C++ compiler; ~7 CPU-minutes measured here)"
         )
-    cfg, state = checkpoint
-    m = cfg.model
-    code, _, err = export_cli(capsys, str(run_dir), str(tmp_path / "g"), "--format", "gguf")
-    assert code == 0, err
-    llm = Llama(
-        model_path=str(tmp_path / "g" / "model-fp32.gguf"),
-        n_ctx=m.max_seq_len,
+    return llama_cpp
+
+
+def _llama_cpp_logits(llama_cpp, path: Path, ids: list[int], n_ctx: int) -> np.ndarray:
+    # fp32 KV cache: llama.cpp's default fp16 cache alone moves logits by ~1e-2
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
         n_threads=1,
         logits_all=True,
         verbose=False,
+        type_k=f32,
+        type_v=f32,
     )
-    from transformers import AutoTokenizer
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
 
-    hf_tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    prompt = "환자는 2024년 3월 12일 급성 심근경색으로 내원. Troponin I 3.45 ng/mL, <|email|> 확인"
-    ids = hf_tok(prompt).input_ids
-    assert llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False) == ids
-    assert llm.detokenize(ids[1:]).decode("utf-8") == prompt
 
-    model = Transformer(m)
+def _kfm_logits(cfg: ModelConfig, state: dict[str, torch.Tensor], ids: list[int]) -> np.ndarray:
+    model = Transformer(cfg)
     model.load_state_dict(state)
     model.float().eval()
     with torch.no_grad():
-        ours = model(torch.tensor([ids]))[0].numpy()
-    llm.eval(ids)
-    theirs = np.array(llm.scores[: len(ids)])
+        return model(torch.tensor([ids]))[0].numpy()
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_and_runs_the_tiny_run_like_kfm(run_dir, checkpoint, tmp_path, capsys):
+    llama_cpp = _llama_cpp()
+    cfg, state = checkpoint
+    code, _, err = export_cli(capsys, str(run_dir), str(tmp_path / "g"), "--format", "gguf")
+    assert code == 0, err
+    path = tmp_path / "g" / "model-fp32.gguf"
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(TOKENIZER))(PROMPT).input_ids
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=cfg.model.max_seq_len, verbose=False)
+    # Korean, digits one by one, a PII placeholder (USER_DEFINED) matched in plain text, bos
+    assert llm.tokenize(PROMPT.encode("utf-8"), add_bos=True, special=False) == ids
+    assert llm.detokenize(ids[1:]).decode("utf-8") == PROMPT
+    theirs = _llama_cpp_logits(llama_cpp, path, ids, cfg.model.max_seq_len)
+    ours = _kfm_logits(cfg.model, state, ids)
     assert np.abs(theirs - ours).max() < 1e-3
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+def test_llama_cpp_logits_equal_kfm_with_sharp_attention(tmp_path, monkeypatch, qk_norm):
+    """Weights large enough that attention is far from uniform, so a wrong q/k layout shows:
+    the llama model exported without the permutation is checked to fail."""
+    llama_cpp = _llama_cpp()
+    cfg = ModelConfig(
+        vocab_size=1024,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=128,
+        qk_norm=qk_norm,
+        tie_embeddings=False,
+    )
+    torch.manual_seed(1)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    state = model.state_dict()
+    ids = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json")).encode(PROMPT).ids
+    ours = _kfm_logits(cfg, state, ids)
+    path = export_gguf(state, cfg, tmp_path / "g", tokenizer_dir=TOKENIZER)
+    theirs = _llama_cpp_logits(llama_cpp, path, ids, cfg.max_seq_len)
+    assert np.abs(ours).max() > 5  # measured 10.5 (llama), 11.8 (qwen3)
+    assert np.abs(theirs - ours).max() < 1e-3  # measured 2.9e-5, 1.0e-5
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+    # fp16/bf16 files against kfm run on the same rounded weights. fp16: llama.cpp computes in
+    # fp32 (measured 2.5e-5, 1.2e-5). bf16: llama.cpp also rounds the activations to bf16 in its
+    # matmuls (measured 0.32, 0.10 on logits of size ~10), so only a coarse bound and the argmax.
+    for dtype, tol in (("fp16", 1e-3), ("bf16", 1.0)):
+        rounded = export_gguf(state, cfg, tmp_path / dtype, tokenizer_dir=TOKENIZER, dtype=dtype)
+        torch_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
+        same = {k: v.to(torch_dtype).float() if v.dim() == 2 else v for k, v in state.items()}
+        got = _llama_cpp_logits(llama_cpp, rounded, ids, cfg.max_seq_len)
+        want = _kfm_logits(cfg, same, ids)
+        assert np.abs(got - want).max() < tol, dtype
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9, dtype
+    if not qk_norm:  # the same export with q/k rows left in kfm's order
+        monkeypatch.setattr(export_module, "permute_for_ggml", lambda w, n_heads: w)
+        wrong = export_gguf(state, cfg, tmp_path / "wrong", tokenizer_dir=TOKENIZER)
+        off = np.abs(_llama_cpp_logits(llama_cpp, wrong, ids, cfg.max_seq_len) - ours).max()
+        assert off > 1.0  # measured 13.9
+
+
+@pytest.mark.slow
+def test_q8_0_export_equals_llama_cpps_own_quantizer(run_dir, tmp_path, capsys) -> None:
+    """Every Q8_0 tensor of `--dtype q8_0` is byte for byte what llama.cpp's llama-quantize
+    makes of the fp32 export."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    for dtype in ("fp32", "q8_0"):
+        code, _, err = export_cli(
+            capsys, str(run_dir), str(tmp_path / dtype), "--format", "gguf", "--dtype", dtype
+        )
+        assert code == 0, err
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    theirs_path = tmp_path / "llama-quantize-q8_0.gguf"
+    src = str(tmp_path / "fp32" / "model-fp32.gguf").encode()
+    assert llama_cpp.llama_model_quantize(src, str(theirs_path).encode(), ctypes.byref(params)) == 0
+    ours = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q8_0" / "model-q8_0.gguf")).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(str(theirs_path)).tensors}
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.asarray(ours[name].data), np.asarray(t.data)), name
