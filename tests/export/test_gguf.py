@@ -422,8 +422,8 @@ def _llama_cpp():
         import llama_cpp
     except ImportError as exc:
         pytest.skip(
-            f"llama.cpp runtime not installed ({exc}): `pip install llama-cpp-python` builds "
-            "llama.cpp from source (cmake and a C++ compiler; ~7 CPU-minutes measured here)"
+            f"llama.cpp runtime not installed ({exc}): `pip install -e '.[llama]'` "
+            "(llama-cpp-python) builds it from source: cmake and a C++ compiler, ~7 CPU-minutes"
         )
     return llama_cpp
 
