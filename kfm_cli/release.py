@@ -275,12 +275,27 @@ def eval_index() -> tuple[Any, list[str]]:
         ) from e
     texts: list[tuple[str, str, str]] = []
     missing: list[str] = []
-    for name in EVAL_SETS:
-        try:
-            texts += [(name, item.id, item_text(item)) for item in iter_items(name)]
-        except EvalSetUnavailable:
-            missing.append(name)
+    # An unavailable optional set logs how to provide it, and the Hugging Face datasets import
+    # behind it logs about accelerators; the caller's one warning names the sets instead.
+    with _library_output_hidden():
+        for name in EVAL_SETS:
+            try:
+                texts += [(name, item.id, item_text(item)) for item in iter_items(name)]
+            except EvalSetUnavailable:
+                missing.append(name)
     return NgramIndex.build(texts), missing
+
+
+def _library_output_hidden() -> Any:
+    """Hide what libraries write to stderr (bars, import-time notes) unless kfm -v."""
+    import contextlib
+    import io
+
+    from kfm.console import VERBOSE, verbosity
+
+    if verbosity() >= VERBOSE:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 def _strings(value: Any) -> list[str]:
@@ -353,16 +368,11 @@ def _generate_check(folder: Path) -> tuple[Any, Any, str]:
 
 def _lm_eval_check(model: Any, tok: Any) -> str:
     """lm-eval's HFLM on the loaded release scores one kfm task on a few items."""
-    import contextlib
-    import io
-
-    from kfm.console import VERBOSE, verbosity
     from kfm.export.card import ReleaseError
 
     # lm-eval draws its own progress bars (it passes tqdm's disable flag itself) and imports
     # accelerators that log at import; kfm -v shows them.
-    quiet = verbosity() < VERBOSE
-    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+    with _library_output_hidden():
         from lm_eval.models.huggingface import HFLM
 
         from eval.bench import run_benchmarks
