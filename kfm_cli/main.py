@@ -420,9 +420,18 @@ def _export_gguf(
 ) -> int:
     """`kfm export --format gguf`: OUT_DIR/model-<dtype>.gguf, then every tensor read back."""
     from kfm.checkpoint import load_model_state
-    from kfm.export.gguf import GGUF_TOLERANCE, export_gguf, gguf_weights_diff
+    from kfm.export.gguf import (
+        GGUF_TOLERANCE,
+        check_gguf_request,
+        export_gguf,
+        gguf_vocab,
+        gguf_weights_diff,
+    )
     from kfm.tokenizer.identity import describe
 
+    # Refusals that need no weights come before reading them (minutes for a large checkpoint).
+    check_gguf_request(args.out_dir, args.dtype)
+    gguf_vocab(tokenizer, cfg.model.vocab_size)
     state, _ = load_model_state(path)
     out = export_gguf(
         state,

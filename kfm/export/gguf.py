@@ -373,6 +373,18 @@ def _marker(source: str | Path | None, tokenizer_dir: str | Path, dtype: GgufDty
     return json.dumps(marker, indent=2) + "\n"
 
 
+def check_gguf_request(out_dir: str | Path, dtype: str) -> None:
+    """Raise ``ExportError`` for a dtype GGUF export does not write or an ``out_dir`` named like
+    a file (``*.gguf``: the export is a folder). Cheap: call it before reading any weights."""
+    if dtype not in GGUF_DTYPES:
+        raise ExportError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    if str(out_dir).endswith(".gguf"):
+        raise ExportError(
+            f"{out_dir}: the GGUF export writes a folder (OUT/{gguf_file_name(dtype)} and "
+            "kfm_export.json); give a folder name without the .gguf suffix"
+        )
+
+
 def export_gguf(
     state: dict[str, Tensor],
     cfg: ModelConfig,
@@ -397,13 +409,7 @@ def export_gguf(
     ``ExportError`` for an unknown dtype, a tokenizer llama.cpp cannot reproduce (see
     :func:`gguf_vocab`), or a state dict that does not match ``cfg``.
     """
-    if dtype not in GGUF_DTYPES:
-        raise ExportError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
-    if str(out_dir).endswith(".gguf"):
-        raise ExportError(
-            f"{out_dir}: the GGUF export writes a folder (OUT/{gguf_file_name(dtype)} and "
-            "kfm_export.json); give a folder name without the .gguf suffix"
-        )
+    check_gguf_request(out_dir, dtype)
     inputs = [p for p in (source, tokenizer_dir) if p is not None]
     out = check_output_dir(out_dir, "export", inputs=inputs, overwrite=overwrite, flag="OUT_DIR")
     # Fail on the tokenizer and on values the dtype cannot hold before anything is written.

@@ -13,6 +13,7 @@ to llama.cpp's own quantizer's.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -41,7 +42,7 @@ from kfm.model import ffn_hidden_dim
 from kfm.model.transformer import Transformer
 from kfm_cli import main
 from tests.conftest import TOKENIZER
-from tests.eval.checks import STEP, tiny_run
+from tests.eval.checks import STEP, tiny_run, unrecorded_copy
 
 T = gguf.GGMLQuantizationType
 
@@ -361,10 +362,36 @@ def test_wrong_state_dict_names_the_keys(tmp_path: Path) -> None:
         gguf_state_dict(_random(cfg), wider)
 
 
-def test_refusals(run_dir: Path, tmp_path: Path, capsys) -> None:
-    # a .gguf file name: the export is a folder
-    code, out, err = export_cli(capsys, str(run_dir), str(tmp_path / "m.gguf"), "--format", "gguf")
-    assert code == 1 and "give a folder name without the .gguf suffix" in err
+def test_refusals(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    # a .gguf file name (the export is a folder) and a tokenizer llama.cpp cannot reproduce are
+    # refused before the weights are read
+    import kfm.checkpoint
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("weights read before the refusal")
+
+    with monkeypatch.context() as m:
+        m.setattr(kfm.checkpoint, "load_model_state", no_reading)
+        code, out, err = export_cli(
+            capsys, str(run_dir), str(tmp_path / "m.gguf"), "--format", "gguf"
+        )
+        assert code == 1 and "give a folder name without the .gguf suffix" in err, err
+        other_tok = shutil.copytree(TOKENIZER, tmp_path / "tok")
+        spec = json.loads((other_tok / "tokenizer.json").read_text(encoding="utf-8"))
+        spec["normalizer"] = {"type": "Lowercase"}
+        (other_tok / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+        # (a run that records no tokenizer hash, so the identity check cannot refuse it first)
+        old_run = unrecorded_copy(run_dir, tmp_path / "old_run", sources_gone=True)
+        code, out, err = export_cli(
+            capsys,
+            str(old_run),
+            str(tmp_path / "g"),
+            "--format",
+            "gguf",
+            "--tokenizer",
+            str(other_tok),
+        )
+        assert code == 1 and "normalizer 'Lowercase' has no llama.cpp equivalent" in err, err
     assert not (tmp_path / "m.gguf").exists()
     # GGUF-only dtypes with the HF export: a config error naming the flag
     code, out, err = export_cli(capsys, str(run_dir), str(tmp_path / "hf"), "--dtype", "q8_0")
