@@ -384,11 +384,21 @@ def eval_texts(
     how to provide it, so that decontamination runs without it.
     """
     selected = [get_eval_set(n).name for n in (EVAL_SETS if names is None else names)]
+    unavailable: list[str] = []
     for name in selected:
         try:
             items = list(iter_items(name, root=root))
         except EvalSetUnavailable as exc:
-            log.warning("eval set %s skipped (not checked): %s", name, exc)
+            unavailable.append(name)
+            log.debug("eval set %s unavailable: %s", name, exc)
             continue
         for item in items:
             yield name, item.id, item_text(item)
+    if unavailable:  # one line for all of them; the reasons are on the debug log
+        envs = sorted({e for n in unavailable if (e := EVAL_SETS[n].folder_env)})
+        how = f"set {' or '.join('$' + e for e in envs)} to their files; " if envs else ""
+        log.warning(
+            "eval sets not available here, so not checked: %s (%ssee eval/README.md)",
+            ", ".join(unavailable),
+            how,
+        )

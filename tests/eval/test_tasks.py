@@ -202,4 +202,4 @@ def test_kormedmcqa_absent_is_a_clear_error_and_skipped_by_decontamination(
     with caplog.at_level(logging.WARNING, logger="eval.registry"):
         names = {s for s, _, _ in eval_texts(["klue_nli", "kormedmcqa_pharm"])}
     assert names == {"klue_nli"}
-    assert "kormedmcqa_pharm skipped" in caplog.text and KORMEDMCQA_ENV in caplog.text
+    assert "not checked: kormedmcqa_pharm (" in caplog.text and KORMEDMCQA_ENV in caplog.text
