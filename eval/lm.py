@@ -400,6 +400,14 @@ class KfmLM(TemplateLM):
 
     # -- the three request types ----------------------------------------------------------
 
+    def loglikelihood(
+        self, requests: list[Instance], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
+        # TemplateLM tokenises under a bar of its own that only disable_tqdm turns off.
+        main = not _dist_ranks() or dist.get_rank() == 0
+        quiet = disable_tqdm or not self.progress or not main
+        return super().loglikelihood(requests, disable_tqdm=quiet)
+
     def _loglikelihood_tokens(
         self, requests: list[TokenRequest], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
@@ -423,8 +431,8 @@ class KfmLM(TemplateLM):
             truncated += len(context) + len(continuation) > self.max_length + 1
             window = (context + continuation)[-(self.max_length + 1) :][:-1]
             rows.setdefault(tuple(window), []).append((i, continuation))
-        if truncated:  # one line per call (HFLM warns once per request)
-            log.warning(
+        if truncated:  # one line per call (HFLM warns once per request); quiet LMs log it
+            (log.warning if self.progress else log.info)(
                 "%d of %d requests are longer than max_length=%d tokens: their contexts were "
                 "left-truncated",
                 truncated,

@@ -221,22 +221,27 @@ def test_from_model_restores_mode_and_leaves_params(native: KfmLM) -> None:
 def test_progress_bar_only_when_asked(native: KfmLM, capsys) -> None:
     requests = _instances("loglikelihood", _requests()[:2])
     KfmLM.from_model(native.model, native.tokenizer, device="cpu").loglikelihood(requests)
-    assert "kfm loglikelihood" in capsys.readouterr().err
-    native.loglikelihood(requests)  # progress=False
-    assert "kfm loglikelihood" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "kfm loglikelihood" in err and "Tokenizing inputs" in err
+    native.loglikelihood(requests)  # progress=False: no bar at all, lm-eval's tokenising one too
+    err = capsys.readouterr().err
+    assert "kfm loglikelihood" not in err and "Tokenizing inputs" not in err
 
 
 def test_truncation_is_reported_once_per_call(native: KfmLM, caplog) -> None:
     requests = _requests()
     n_long = sum(len(native.tok_encode(c + x)) > MAX_LEN + 1 for c, x in requests)
     assert n_long > 0
-    with caplog.at_level("WARNING", logger="eval.lm"):
-        native.loglikelihood(_instances("loglikelihood", requests))
-    lines = [r.getMessage() for r in caplog.records if "left-truncated" in r.getMessage()]
-    assert lines == [
+    loud = KfmLM.from_model(native.model, native.tokenizer, device="cpu", max_length=MAX_LEN)
+    with caplog.at_level("INFO", logger="eval.lm"):
+        loud.loglikelihood(_instances("loglikelihood", requests))
+        native.loglikelihood(_instances("loglikelihood", requests))  # progress=False: info only
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "left-trunc" in r.message]
+    message = (
         f"{n_long} of {len(requests)} requests are longer than max_length={MAX_LEN} tokens: "
         "their contexts were left-truncated"
-    ]
+    )
+    assert lines == [("WARNING", message), ("INFO", message)]
 
 
 def test_bf16_is_close_to_fp32(run_dir: Path, native_results: dict) -> None:
