@@ -84,6 +84,21 @@ def quiet_libraries(level: int) -> None:
         handler.kfm_console = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
+    for name in _OWN_HANDLER_LOGGERS:
+        # These print through a handler of their own (propagate=False) that they attach at
+        # import, after this runs; a filter on the logger object outlives that.
+        logger = logging.getLogger(name)
+        if _library_error_only not in logger.filters:
+            logger.addFilter(_library_error_only)
+
+
+_OWN_HANDLER_LOGGERS = ("DeepSpeed",)
+"""Library loggers that bypass the root handler: DeepSpeed's, imported by transformers and
+accelerate whenever DeepSpeed is installed, warns "Setting accelerator to CPU" on every command."""
+
+
+def _library_error_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def _quiet_imported_libraries() -> None:

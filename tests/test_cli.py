@@ -323,6 +323,9 @@ def test_library_warnings_hidden_ours_in_one_line(level):
         "logging.getLogger('torchao').warning('library note')\n"
         "logging.getLogger('torchao').error('library error')\n"
         "logging.getLogger('kfm.data.pack').warning('our note')\n"
+        "from deepspeed.utils import logger as ds\n"  # its own handler (stdout), propagate=False
+        "ds.warning('deepspeed note')\n"
+        "ds.error('deepspeed error')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -332,8 +335,10 @@ def test_library_warnings_hidden_ours_in_one_line(level):
             "torchao: library error",
             "our note",
         ]
+        assert "deepspeed note" not in proc.stdout and "deepspeed error" in proc.stdout
     else:  # -v: every warning, with Python's own format
         assert "theirs" in proc.stderr and "torchao: library note" in proc.stderr
+        assert "deepspeed note" in proc.stdout
 
 
 @pytest.mark.parametrize(
