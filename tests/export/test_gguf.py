@@ -499,6 +499,15 @@ def test_llama_cpp_tokenizes_and_runs_the_tiny_run_like_kfm(run_dir, checkpoint,
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
+def _rounded(w: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``w`` as a ``dtype`` GGUF stores it, back in fp32 (q8_0 through gguf's own codec)."""
+    if dtype == "q8_0":
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        blocks = gguf.quants.quantize(w.numpy(), q8)
+        return torch.from_numpy(gguf.quants.dequantize(blocks, q8).copy()).reshape(w.shape)
+    return w.to(torch.float16 if dtype == "fp16" else torch.bfloat16).float()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
 def test_llama_cpp_logits_equal_kfm_with_sharp_attention(tmp_path, monkeypatch, qk_norm):
@@ -529,17 +538,17 @@ def test_llama_cpp_logits_equal_kfm_with_sharp_attention(tmp_path, monkeypatch, 
     assert np.abs(ours).max() > 5  # measured 10.5 (llama), 11.8 (qwen3)
     assert np.abs(theirs - ours).max() < 1e-3  # measured 2.9e-5, 1.0e-5
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
-    # fp16/bf16 files against kfm run on the same rounded weights. fp16: llama.cpp computes in
-    # fp32 (measured 2.5e-5, 1.2e-5). bf16: llama.cpp also rounds the activations to bf16 in its
-    # matmuls (measured 0.32, 0.10 on logits of size ~10), so only a coarse bound and the argmax.
-    for dtype, tol in (("fp16", 1e-3), ("bf16", 1.0)):
+    # fp16/bf16/q8_0 files against kfm run on the same rounded weights: what is left is llama.cpp
+    # rounding the activations to the weights' type in its matmuls. Measured with the portable
+    # (AVX2) build, llama / qwen3, on logits of size ~10: fp16 0.022 / 0.011 (a -march=native
+    # build: 2.5e-5), bf16 0.32 / 0.10, q8_0 0.40 / 0.31; argmax equal at >= 94% of positions.
+    for dtype, tol, same_argmax in (("fp16", 0.1, 1.0), ("bf16", 1.0, 0.9), ("q8_0", 1.0, 0.8)):
         rounded = export_gguf(state, cfg, tmp_path / dtype, tokenizer_dir=TOKENIZER, dtype=dtype)
-        torch_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
-        same = {k: v.to(torch_dtype).float() if v.dim() == 2 else v for k, v in state.items()}
+        same = {k: _rounded(v, dtype) if v.dim() == 2 else v for k, v in state.items()}
         got = _llama_cpp_logits(llama_cpp, rounded, ids, cfg.max_seq_len)
         want = _kfm_logits(cfg, same, ids)
         assert np.abs(got - want).max() < tol, dtype
-        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9, dtype
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= same_argmax, dtype
     if not qk_norm:  # the same export with q/k rows left in kfm's order
         monkeypatch.setattr(export_module, "permute_for_ggml", lambda w, n_heads: w)
         wrong = export_gguf(state, cfg, tmp_path / "wrong", tokenizer_dir=TOKENIZER)
