@@ -41,7 +41,7 @@ from kfm.fs import OutputError
 from kfm.model import ffn_hidden_dim
 from kfm.model.transformer import Transformer
 from kfm_cli import main
-from tests.conftest import TOKENIZER
+from tests.conftest import SAMPLE, TOKENIZER
 from tests.eval.checks import STEP, tiny_run, unrecorded_copy
 
 T = gguf.GGMLQuantizationType
@@ -506,6 +506,33 @@ def _rounded(w: torch.Tensor, dtype: str) -> torch.Tensor:
         blocks = gguf.quants.quantize(w.numpy(), q8)
         return torch.from_numpy(gguf.quants.dequantize(blocks, q8).copy()).reshape(w.shape)
     return w.to(torch.float16 if dtype == "fp16" else torch.bfloat16).float()
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_the_sample_documents_like_kfm(run_dir, tmp_path, capsys) -> None:
+    """The pre-tokenizer claim on real text: every bundled sample document (Korean and English,
+    NFC) gets kfm's ids from llama.cpp; NFD Hangul does not (llama.cpp does not normalize)."""
+    import gzip
+    import unicodedata
+
+    llama_cpp = _llama_cpp()
+    code, _, err = export_cli(capsys, str(run_dir), str(tmp_path / "g"), "--format", "gguf")
+    assert code == 0, err
+    llm = llama_cpp.Llama(
+        model_path=str(tmp_path / "g" / "model-fp32.gguf"), vocab_only=True, verbose=False
+    )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    texts = []
+    for path in sorted(SAMPLE.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            texts += [unicodedata.normalize("NFC", json.loads(line)["text"]) for line in f]
+    assert len(texts) > 200 and sum(map(len, texts)) > 200_000
+    differ = [t[:60] for t in texts if llm.tokenize(t.encode(), add_bos=True) != tok(t).input_ids]
+    assert differ == []
+    nfd = unicodedata.normalize("NFD", "환자는 급성 심근경색으로 내원하였다.")
+    assert llm.tokenize(nfd.encode(), add_bos=True) != tok(nfd).input_ids
 
 
 @pytest.mark.slow
