@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kfm.config import ConfigError
 from kfm.console import NORMAL, QUIET, VERBOSE, set_verbosity, verbosity
@@ -230,7 +230,9 @@ def _progress(line: str) -> None:
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.tasks is not None:
-        return _benchmarks(args)
+        from kfm_cli.benchmarks import run as run_benchmarks
+
+        return run_benchmarks(args)
     for flag, value in (
         ("--limit", args.limit),
         ("--num-fewshot", args.num_fewshot),
@@ -259,83 +261,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     again = " (replaced the earlier result of the same settings)" if result["replaced"] else ""
     print(f"result: {result['result_file']}{again}")
     return 0
-
-
-def _benchmarks(args: argparse.Namespace) -> int:
-    """`kfm eval CKPT --tasks ...`: lm-eval tasks on a native checkpoint (KfmLM) or an HF folder
-    (lm-eval's HFLM); prints the table, writes results.json (eval/bench.py)."""
-    import torch
-
-    from eval.bench import markdown_table, run_benchmarks, write_results
-
-    if args.batches is not None or args.data is not None:
-        raise ConfigError(
-            "--batches and --data set the validation-loss evaluation; run it without --tasks"
-        )
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    batch_size = args.batch_size or 16
-    ckpt = Path(args.checkpoint)
-    if (ckpt / "config.json").is_file():  # a Hugging Face model folder (kfm export's output)
-        from lm_eval.models.huggingface import HFLM
-
-        from kfm.tokenizer.core import tokenizer_hash
-
-        tokenizer = Path(args.tokenizer or ckpt)
-        lm = HFLM(
-            pretrained=str(ckpt), tokenizer=str(tokenizer), batch_size=batch_size, device=device
-        )
-        run_dir, step_dir, step, tokens = ckpt, "", None, None
-        meta: dict[str, Any] = {
-            "checkpoint": ".",
-            "model": "hf",
-            "tokenizer_hash": tokenizer_hash(tokenizer),
-        }
-    else:
-        from eval.lm import KfmLM
-
-        lm = KfmLM.from_checkpoint(
-            ckpt, device=device, batch_size=batch_size, tokenizer_dir=args.tokenizer
-        )
-        # from_checkpoint always sets these (None only for from_model)
-        assert lm.checkpoint is not None and lm.config is not None and lm.tokenizer_hash
-        _progress(lm.tokenizer_check or "")
-        step_path = lm.checkpoint
-        run_dir, step_dir = step_path.parent.parent, step_path.name
-        step = int(read_step(step_path))
-        cfg = lm.config
-        tokens = step * cfg.train.global_batch_size * cfg.data.seq_len
-        meta = {
-            "checkpoint": str(step_path.relative_to(run_dir)),
-            "model": "native",
-            "tokenizer_hash": lm.tokenizer_hash,
-        }
-        if cfg.data.sources:  # bits per byte per source and language on the run's val split
-            from eval.run import checkpoint_bpb
-
-            meta["bpb"] = checkpoint_bpb(step_path, model=lm.model)
-    results = run_benchmarks(
-        lm,
-        tasks,
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        include_path=args.include_path or (),
-        batch_size=batch_size,
-    )
-    assert results is not None, "a single-process kfm eval is rank 0"
-    results["kfm"] = {"step": step, "tokens": tokens, **meta, **results["kfm"]}
-    print(markdown_table(results))
-    path, replaced = write_results(run_dir, step_dir, results, out=args.out)
-    again = " (replaced the earlier result of the same settings)" if replaced else ""
-    print(f"result: {path}{again}")
-    return 0
-
-
-def read_step(step_dir: Path) -> int:
-    """The step recorded in a checkpoint step dir's manifest."""
-    from kfm.checkpoint.stepdir import read_manifest
-
-    return int(read_manifest(step_dir)["step"])
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:

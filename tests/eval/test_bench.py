@@ -171,3 +171,44 @@ def test_cli_on_a_native_checkpoint(tiny_sources, tmp_path_factory, capsys) -> N
         if key.startswith("val_bpb/"):
             assert kfm["bpb"][key.removeprefix("val_bpb/")] == pytest.approx(value, rel=1e-9)
     assert {"medquad", "ko_chatbot", "all"} <= set(kfm["bpb"]), kfm["bpb"]
+
+
+@pytest.mark.distributed
+def test_cli_under_torchrun_shards_the_model_and_matches_one_process(
+    tiny_sources, tmp_path_factory, tmp_path
+) -> None:
+    """`torchrun --nproc-per-node 2 kfm eval --tasks`: the model FSDP2-sharded over both gloo
+    ranks, rank 0 writes the same scores and bits per byte as a single-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.eval.checks import tiny_run
+
+    run_dir = tiny_run(tiny_sources, tmp_path_factory).run_dir
+    flags = ["--tasks", "kfm_pubmedqa,kfm_medqa_4opt", "--limit", "6", "--batch-size", "4"]
+    assert main(["eval", str(run_dir), *flags, "--out", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd = [
+        *torchrun,
+        "-m",
+        "kfm_cli",
+        "eval",
+        str(run_dir),
+        *flags,
+        "--out",
+        str(tmp_path / "two.json"),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| kfm_pubmedqa | acc |") == 1  # rank 0 alone prints the table
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["kfm"]["world_size"] == 2 and "world_size" not in one["kfm"]
+    for task in ("kfm_pubmedqa", "kfm_medqa_4opt"):
+        for metric in ("acc,none", "acc_norm,none"):
+            assert two["results"][task][metric] == one["results"][task][metric], (task, metric)
+    for key, value in one["kfm"]["bpb"].items():
+        assert two["kfm"]["bpb"][key] == pytest.approx(value, rel=1e-5), key
