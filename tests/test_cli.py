@@ -347,6 +347,7 @@ def test_library_warnings_hidden_ours_in_one_line(level):
         ("datatrove", "pip install -e '.[data]'"),
         ("lm_eval", "pip install -e '.[eval]'"),
         ("gguf", "pip install -e '.[eval]'"),
+        ("matplotlib", "pip install -e '.[eval]'"),
         ("torchao.float8", "pip install -e '.[gpu]'"),
         ("torch", "activate kfm's environment (.venv) or reinstall with `pip install -e .`"),
     ],

@@ -449,8 +449,9 @@ def _llama_cpp():
         import llama_cpp
     except ImportError as exc:
         pytest.skip(
-            f"llama.cpp runtime not installed ({exc}): `pip install -e '.[llama]'` "
-            "(llama-cpp-python) builds it from source: cmake and a C++ compiler, ~7 CPU-minutes"
+            f"llama.cpp runtime not installed ({exc}): `CMAKE_ARGS=-DGGML_NATIVE=OFF pip install "
+            "-e '.[llama]'` (llama-cpp-python) builds it from source: cmake and a C++ compiler, "
+            "~7 CPU-minutes; .ci/run does this before the slow tests"
         )
     return llama_cpp
 
