@@ -272,7 +272,7 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     from kfm.export.hf import export_hf
     from kfm.export.verify import export_logits_diff
     from kfm.fs import check_output_dir
-    from kfm.tokenizer.identity import check_tokenizer_identity, describe
+    from kfm.tokenizer.identity import check_tokenizer_identity
 
     path = resolve_checkpoint_arg(args.checkpoint)
     cfg = config_from_dict(read_manifest(path).get("config", {}), source=f"{path}/manifest.json")
@@ -304,27 +304,36 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
         source=path,
     )
     print(f"exported {path} -> {out}")
+    _tokenizer_verdict(check, tokenizer)
+    if not args.verify:
+        _progress("export check: logits not compared with kfm's (--no-verify)")
+        return 0
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, min(64, cfg.data.seq_len)), generator=g)
+    diff = export_logits_diff(state, cfg.model, out, tokens)
+    # fp32 weights must reproduce kfm's logits; bf16 rounding of every weight moves them more.
+    tol = 1e-4 if args.dtype == "fp32" else 5e-2
+    line = f"export check: max |logits_kfm - logits_hf| = {diff:.2e} (tolerance {tol:.0e})"
+    return _verdict(line, ok=diff <= tol)
+
+
+def _tokenizer_verdict(check: TokenizerCheck, tokenizer: str | Path) -> None:
+    """Print the export's tokenizer check: "ok", or on stderr what could not be checked."""
+    from kfm.tokenizer.identity import describe
+
     note = describe(check, tokenizer)
     if check.unchecked is not None:
         print(f"export check: {note}", file=sys.stderr)
     else:
         _progress(f"export check: {note}: ok")
-    if not args.verify:
-        _progress("export check: logits not compared with kfm's (--no-verify)")
-    else:
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, cfg.model.vocab_size, (2, min(64, cfg.data.seq_len)), generator=g)
-        diff = export_logits_diff(state, cfg.model, out, tokens)
-        # fp32 weights must reproduce kfm's logits; bf16 rounding of every weight moves them more.
-        tol = 1e-4 if args.dtype == "fp32" else 5e-2
-        verdict = "ok" if diff <= tol else "MISMATCH"
-        line = f"export check: max |logits_kfm - logits_hf| = {diff:.2e} (tolerance {tol:.0e})"
-        if diff > tol:
-            print(f"{line}: {verdict}", file=sys.stderr)
-        else:
-            _progress(f"{line}: {verdict}")
-        if diff > tol:
-            return 1
+
+
+def _verdict(line: str, *, ok: bool) -> int:
+    """Print an export check's line with its verdict; the exit code (1 on a mismatch)."""
+    if not ok:
+        print(f"{line}: MISMATCH", file=sys.stderr)
+        return 1
+    _progress(f"{line}: ok")
     return 0
 
 
@@ -352,7 +361,6 @@ def _export_gguf(
         gguf_vocab,
         gguf_weights_diff,
     )
-    from kfm.tokenizer.identity import describe
 
     # Refusals that need no weights come before reading them (minutes for a large checkpoint).
     check_gguf_request(args.out_dir, args.dtype)
@@ -369,11 +377,7 @@ def _export_gguf(
         name=cfg.train.name,
     )
     print(f"exported {path} -> {out}")
-    note = describe(check, tokenizer)
-    if check.unchecked is not None:
-        print(f"export check: {note}", file=sys.stderr)
-    else:
-        _progress(f"export check: {note}: ok")
+    _tokenizer_verdict(check, tokenizer)
     if not args.verify:
         _progress("export check: GGUF tensors not compared with the checkpoint (--no-verify)")
         return 0
@@ -383,11 +387,7 @@ def _export_gguf(
         f"export check: max |w_gguf - w_kfm| / max |w_kfm| = {diff:.2e} over all tensors "
         f"(tolerance {tol:.0e} for {args.dtype})"
     )
-    if diff > tol:
-        print(f"{line}: MISMATCH", file=sys.stderr)
-        return 1
-    _progress(f"{line}: ok")
-    return 0
+    return _verdict(line, ok=diff <= tol)
 
 
 def cmd_import_hf(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 import kfm
 from kfm.config import ModelConfig
-from kfm.export.hf import ExportError, to_hf_state_dict
+from kfm.export.hf import ExportError, check_shapes, to_hf_state_dict
 from kfm.fs import EXPORT_FORMAT, EXPORT_MARKER, check_output_dir, publish_dir
 from kfm.model import Transformer, ffn_hidden_dim
 
@@ -130,21 +130,10 @@ def _rope_heads(cfg: ModelConfig, gguf_name: str) -> int | None:
 
 
 def _check_shapes(state: dict[str, Tensor], cfg: ModelConfig) -> None:
-    """Raise ``ExportError`` naming each tensor whose shape is not what ``cfg`` builds (the
-    metadata written from ``cfg`` would not describe the weights)."""
+    """`check_shapes` against the model ``cfg`` builds (the metadata written from ``cfg`` would
+    not describe other weights)."""
     with torch.device("meta"):  # shapes only: no memory, no init
-        expected = Transformer(cfg).state_dict()
-    bad = [
-        f"{k}: checkpoint {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if bad:
-        raise ExportError(
-            "checkpoint tensor shapes do not match the model config (check --model.d_model, "
-            "--model.n_heads, --model.n_kv_heads, --model.ffn_hidden, --model.vocab_size):\n  "
-            + "\n  ".join(bad)
-        )
+        check_shapes(state, Transformer(cfg).state_dict())
 
 
 def gguf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:

@@ -340,7 +340,7 @@ def export_hf(
     # adopts our tensors as the parameters.
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    _check_shapes(hf_state, model.state_dict())
+    check_shapes(hf_state, model.state_dict())
     # Cast (and copy, detached from any autograd graph) before loading; the tied pair stays tied.
     cast: dict[int, Tensor] = {}
     hf_state = {
@@ -383,10 +383,12 @@ def export_hf(
     return Path(out_dir)
 
 
-def _check_shapes(hf_state: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+def check_shapes(state: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    """Raise ``ExportError`` naming each tensor of ``state`` whose shape differs from the tensor of
+    the same name in ``expected`` (the model the config builds)."""
     bad = [
         f"{k}: checkpoint {tuple(v.shape)} vs config {tuple(expected[k].shape)}"
-        for k, v in hf_state.items()
+        for k, v in state.items()
         if k in expected and v.shape != expected[k].shape
     ]
     if bad:

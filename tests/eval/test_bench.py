@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from eval.bench import markdown_table, run_benchmarks, write_results
-from eval.registry import KORMEDMCQA_ENV, KORMEDMCQA_SAMPLE, data_root
+from eval.registry import KORMEDMCQA_ENV, KORMEDMCQA_SAMPLE
 from eval.run import EvalResultExistsError
 from kfm_cli import main
 from tests.conftest import TOKENIZER
@@ -28,13 +28,7 @@ KFM_TASKS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _sample_kormedmcqa(monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        data_root()
-    except FileNotFoundError as exc:
-        pytest.skip(f"shared eval data not available: {exc}")
-    monkeypatch.setenv(KORMEDMCQA_ENV, str(KORMEDMCQA_SAMPLE))
+pytestmark = pytest.mark.usefixtures("sample_kormedmcqa")
 
 
 @pytest.fixture(scope="module")

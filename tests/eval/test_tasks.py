@@ -17,7 +17,6 @@ from eval.registry import (
     KORMEDMCQA_HUB,
     KORMEDMCQA_SAMPLE,
     EvalSetUnavailable,
-    data_root,
     eval_texts,
     iter_items,
 )
@@ -38,13 +37,7 @@ TASK_SETS = {
 SAMPLE_SUBSETS = ("doctor", "nurse", "pharm", "dentist")
 
 
-@pytest.fixture(autouse=True)
-def _sample_kormedmcqa(monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        data_root()
-    except FileNotFoundError as exc:
-        pytest.skip(f"shared eval data not available: {exc}")
-    monkeypatch.setenv(KORMEDMCQA_ENV, str(KORMEDMCQA_SAMPLE))
+pytestmark = pytest.mark.usefixtures("sample_kormedmcqa")
 
 
 @pytest.fixture(scope="module")

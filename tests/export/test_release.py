@@ -67,8 +67,13 @@ def _shared_data_or_skip() -> None:
 
 @pytest.fixture(scope="module")
 def run(tiny_sources, tmp_path_factory) -> Path:
+    """A copy of the session's tiny run without eval results (other test modules evaluate the
+    shared run in place; the card must be written from what this module recorded)."""
     _shared_data_or_skip()
-    return tiny_run(tiny_sources, tmp_path_factory).run_dir
+    copy = tmp_path_factory.mktemp("release_run") / "tokcheck"
+    shutil.copytree(tiny_run(tiny_sources, tmp_path_factory).run_dir, copy, symlinks=True)
+    shutil.rmtree(copy / "eval", ignore_errors=True)
+    return copy
 
 
 @pytest.fixture(scope="module")
