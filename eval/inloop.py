@@ -33,8 +33,13 @@ FEWSHOT_SEED = 1234
 
 def bench_metrics(results: dict[str, Any]) -> dict[str, float]:
     """lm-eval's ``results`` dict (per task or group: "acc,none", "acc_stderr,none"...) as
-    ``{"bench/<task>/<metric>": value}``; non-numeric and non-finite entries are left out."""
+    ``{"bench/<task>/<metric>": value}``; non-numeric and non-finite entries are left out.
+    ``bench/<task>/n`` is the number of items scored (lm-eval's effective n-samples), from which
+    `kfm report` draws a Wilson interval."""
     out: dict[str, float] = {}
+    for task, counts in results.get("n-samples", {}).items():
+        if isinstance(counts, dict) and isinstance(counts.get("effective"), int):
+            out[f"bench/{task}/n"] = counts["effective"]
     for task, values in results.get("results", {}).items():
         for key, value in values.items():
             metric, sep, filt = key.partition(",")

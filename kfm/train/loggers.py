@@ -74,14 +74,14 @@ def _grouped(shown: dict[str, Any]) -> list[str]:
     """Evaluation metrics that come in families, one field per family (removed from
     ``shown``): ``lang en 1.4812 ko 1.6023`` (val_bpb/lang/<code>), ``source medquad 1.4102 ...``
     (val_bpb/<source>), ``<task> acc 0.5500 acc_norm 0.6000`` (bench/<task>/<metric>, without
-    the stderrs, which metrics.jsonl keeps)."""
+    the stderrs and item counts n, which metrics.jsonl keeps)."""
     langs = {k: shown.pop(k) for k in [k for k in shown if k.startswith("val_bpb/lang/")]}
     per_source = {k: shown.pop(k) for k in [k for k in shown if k.startswith("val_bpb/")]}
     bench: dict[str, list[str]] = {}
     for k in [k for k in shown if k.startswith("bench/")]:
         task, _, metric = k.removeprefix("bench/").rpartition("/")
         value = shown.pop(k)
-        if not metric.endswith("_stderr") and isinstance(value, int | float):
+        if not metric.endswith("_stderr") and metric != "n" and isinstance(value, int | float):
             bench.setdefault(task, []).append(f"{metric} {value:.4f}")
     parts = []
     if langs:

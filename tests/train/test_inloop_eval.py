@@ -63,7 +63,7 @@ def test_hook_runs_at_every_evaluation(tiny_sources, tmp_path, capsys) -> None:
         logits = model(probe[:, :-1])
         acc = (logits.argmax(-1) == probe[:, 1:]).float().mean().item()
         calls.append((step, model.training, acc))
-        return {"bench/probe/acc": acc, "bench/probe/acc_stderr": 0.0}
+        return {"bench/probe/acc": acc, "bench/probe/acc_stderr": 0.0, "bench/probe/n": 7}
 
     summary = train(cfg, benchmark_hook=hook)
     assert [(s, training) for s, training, _ in calls] == [(0, False), (2, False), (3, False)]
@@ -83,6 +83,7 @@ def test_hook_runs_at_every_evaluation(tiny_sources, tmp_path, capsys) -> None:
     line = next(x for x in out.splitlines() if x.startswith("step 2/3 | val_loss"))
     assert f"lang en {evals[2]['val_bpb/lang/en']:.4f} ko {evals[2]['val_bpb/lang/ko']:.4f}" in line
     assert f"probe acc {calls[1][2]:.4f} |" in line and "acc_stderr" not in line
+    assert "n 7" not in line  # item counts stay in metrics.jsonl
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,7 @@ def test_lm_eval_hook_is_repeatable_and_leaves_rng_alone(tiny_model_and_cfg) -> 
     assert first == hook(model, 1)
     for task in TASKS:
         assert 0 <= first[f"bench/{task}/acc"] <= 1 and f"bench/{task}/acc_stderr" in first
+        assert first[f"bench/{task}/n"] == cfg.eval.task_limit  # the items scored
 
 
 @pytest.mark.slow  # an unknown name makes lm-eval index its ~15k task configs
