@@ -189,6 +189,7 @@ def run_benchmarks(
     merged: dict[str, Any] = {}
     chance: dict[str, float] = {}
     seconds: dict[str, float] = {}
+    stand_ins: list[str] = []
     for name in tasks:
         objects = load_tasks(manager, name, num_fewshot=num_fewshot)
         start = time.perf_counter()
@@ -212,6 +213,8 @@ def run_benchmarks(
             level = chance_level(task, n)
             if level is not None:
                 chance[task.task_name] = level
+            if _reads_stand_in(task):
+                stand_ins.append(task.task_name)
     if not merged:
         return None
     for group in merged.get("groups", {}):
@@ -227,8 +230,24 @@ def run_benchmarks(
         "num_fewshot": num_fewshot,
         "chance": chance,
         "seconds": seconds,
+        "stand_ins": sorted(stand_ins),
     }
     return merged
+
+
+def _reads_stand_in(task: Task) -> bool:
+    """The task reads the hand-written KorMedMCQA sample rows (eval/data/kormedmcqa_sample), which
+    stand in for the real set (CC BY-NC, not bundled): its score says nothing of a model."""
+    from eval.registry import KORMEDMCQA_SAMPLE, get_eval_set, local_path
+
+    name = (task.config.dataset_kwargs or {}).get("eval_set")
+    if not name:
+        return False
+    try:
+        path = local_path(get_eval_set(name)).resolve()
+    except (KeyError, FileNotFoundError):
+        return False
+    return path.is_relative_to(KORMEDMCQA_SAMPLE.resolve()) and path.exists()
 
 
 def _group_leaves(subtasks: dict[str, list[str]], group: str) -> list[str]:
@@ -245,6 +264,31 @@ def _leaves(objects: list[Any]) -> list[Task]:
     for obj in objects:
         tasks.extend(obj.get_all_tasks() if isinstance(obj, Group) else [obj])
     return tasks
+
+
+def completeness(path: Path, results: dict[str, Any]) -> tuple[bool, int, bool]:
+    """Sort key of a step's results files, most complete last: a result of whole sets (no
+    --limit) over a limited one, a larger limit over a smaller one, then ``results.json`` (the
+    default settings) over ``results-<hash>.json``."""
+    limit = results.get("kfm", {}).get("limit")
+    return (limit is None, limit if isinstance(limit, int) else 0, path.name == "results.json")
+
+
+def most_complete_results(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The most complete (`completeness`) of ``folder/results*.json`` and its contents; None if
+    there is none. Files that are not JSON objects are passed over."""
+    found = []
+    for path in sorted(folder.glob("results*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            found.append((completeness(path, data), path, data))
+    if not found:
+        return None
+    _, path, data = max(found, key=lambda item: item[0])
+    return path, data
 
 
 def settings_of(results: dict[str, Any]) -> dict[str, Any]:
@@ -302,6 +346,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     """results as a Markdown table: task | metric | value ± stderr | chance | n, one row per
     task (and group) and metric, in lm-eval's order."""
     chance = results.get("kfm", {}).get("chance", {})
+    stand_ins = set(results.get("kfm", {}).get("stand_ins", []))
+    subtasks = results.get("group_subtasks", {})
+    stand_ins |= {g for g in subtasks if set(_group_leaves(subtasks, g)) & stand_ins}
     n_samples = results.get("n-samples", {})
     rows = ["| task | metric | value ± stderr | chance | n |", "|---|---|---|---|---|"]
     for section in ("results", "groups"):
@@ -317,11 +364,20 @@ def markdown_table(results: dict[str, Any]) -> str:
                 shown = f"{value:.4f}" + (f" ± {stderr:.4f}" if _number(stderr) else "")
                 level = chance.get(task)
                 n = n_samples.get(task, {}).get("effective", "")
+                mark = " †" if task in stand_ins else ""
                 rows.append(
-                    f"| {task} | {metric} | {shown} | "
+                    f"| {task}{mark} | {metric} | {shown} | "
                     f"{'' if level is None else f'{level:.4f}'} | {n} |"
                 )
+    if stand_ins:
+        rows += ["", STAND_IN_NOTE]
     return "\n".join(rows)
+
+
+STAND_IN_NOTE = (
+    "† scored on hand-written sample rows in the set's schema (eval/data/kormedmcqa_sample), "
+    "not the real set: a check that the task runs, not a score of the model"
+)
 
 
 def _number(x: object) -> bool:

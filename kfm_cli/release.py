@@ -232,13 +232,14 @@ def _pii_audit(
 
 def _eval_results(run_dir: Path, ckpt: Path) -> tuple[dict | None, str | None, dict | None]:
     """(benchmark results, their Markdown table, validation bpb) recorded for this checkpoint:
-    ``<run>/eval/<step>/results.json`` (eval.bench) and ``<run>/eval/<step>.json`` (kfm eval)."""
-    benchmarks = table = bpb = None
-    bench_file = run_dir / "eval" / ckpt.name / "results.json"
-    if bench_file.is_file():
-        from eval.bench import markdown_table
+    the most complete ``<run>/eval/<step>/results*.json`` (eval.bench) and
+    ``<run>/eval/<step>.json`` (kfm eval)."""
+    from eval.bench import markdown_table, most_complete_results
 
-        benchmarks = json.loads(bench_file.read_text(encoding="utf-8"))
+    benchmarks = table = bpb = None
+    found = most_complete_results(run_dir / "eval" / ckpt.name)  # whole sets over --limit runs
+    if found is not None:
+        benchmarks = found[1]
         table = markdown_table(benchmarks)
     val_file = run_dir / "eval" / f"{ckpt.name}.json"
     if val_file.is_file():

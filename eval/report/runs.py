@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eval.bench import completeness
 from kfm.config import ConfigError, ModelConfig, read_yaml
 from kfm.config.loader import build_section
 from kfm.fs import RUN_CONFIG, RUN_STATUS
 
 METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
 
 
 class ReportError(ValueError):
@@ -190,17 +190,10 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _completeness(path: Path, data: dict[str, Any]) -> tuple[bool, int, bool]:
-    """Sort key: a result of whole sets (no --limit) first, then the larger limit, then the
-    settings-default file name ``results.json`` (eval/bench.py names others results-<hash>.json)."""
-    limit = data["kfm"].get("limit")
-    return (limit is None, limit if isinstance(limit, int) else 0, path.name == RESULTS_FILE)
-
-
 def read_results(run_dir: Path) -> tuple[dict[int, dict[str, Any]], dict[int, Path], list[str]]:
     """step -> benchmark results of ``run_dir/eval/<step_dir>/results*.json``, the files, and
     notes on files skipped. A step with several files (other --limit or --num-fewshot settings)
-    keeps the one that scored the most items (see `_completeness`)."""
+    keeps the one that scored the most items (`eval.bench.completeness`)."""
     results: dict[int, dict[str, Any]] = {}
     files: dict[int, Path] = {}
     notes = []
@@ -213,7 +206,7 @@ def read_results(run_dir: Path) -> tuple[dict[int, dict[str, Any]], dict[int, Pa
             continue
         if step in results:
             keep, drop = (files[step], path)
-            if _completeness(path, data) > _completeness(files[step], results[step]):
+            if completeness(path, data) > completeness(files[step], results[step]):
                 keep, drop = path, files[step]
                 results[step], files[step] = data, path
             notes.append(

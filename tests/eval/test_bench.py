@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.bench import markdown_table, run_benchmarks, write_results
+from eval.bench import STAND_IN_NOTE, markdown_table, run_benchmarks, write_results
 from eval.registry import KORMEDMCQA_ENV, KORMEDMCQA_SAMPLE
 from eval.run import EvalResultExistsError
 from kfm_cli import main
@@ -148,7 +148,9 @@ def test_cli_on_a_native_checkpoint(tiny_sources, tmp_path_factory, capsys) -> N
     args = ["eval", str(run_dir), "--tasks", "kfm_pubmedqa,kfm_kormedmcqa", "--limit", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| kfm_kormedmcqa_doctor | acc |" in out
+    # the hand-written KorMedMCQA rows are marked as stand-ins, in the table and in results.json
+    assert "| kfm_kormedmcqa_doctor † | acc |" in out and "| kfm_pubmedqa | acc |" in out
+    assert "| kfm_kormedmcqa † | acc |" in out and STAND_IN_NOTE in out
     saved = json.loads((run_dir / "eval" / STEP / "results.json").read_text())
     kfm = saved["kfm"]
     assert (
@@ -157,6 +159,9 @@ def test_cli_on_a_native_checkpoint(tiny_sources, tmp_path_factory, capsys) -> N
     manifest = json.loads((run_dir / "checkpoints" / STEP / "manifest.json").read_text())
     assert kfm["tokenizer_hash"] == manifest["tokenizer_hash"]
     assert set(kfm["seconds"]) == {"kfm_pubmedqa", "kfm_kormedmcqa"}
+    assert kfm["stand_ins"] == sorted(
+        f"kfm_kormedmcqa_{s}" for s in ("doctor", "nurse", "pharm", "dentist")
+    )
     # bits per byte per source and language, as plain `kfm eval` (no --tasks) reports them
     assert main(["eval", str(run_dir)]) == 0
     bpb_file = json.loads((run_dir / "eval" / f"{STEP}.json").read_text())
