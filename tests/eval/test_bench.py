@@ -100,7 +100,9 @@ def test_table_and_results_file(results: dict, tmp_path: Path) -> None:
         "| 0.3333 | 4 |"
     )
     assert row in table
-    assert len(table) == 2 + 2 * (len(KFM_TASKS) + 1)  # acc, acc_norm per task + the group
+    # acc, acc_norm per task + the group, then a blank line and the note on the sample rows
+    assert len(table) == 2 + 2 * (len(KFM_TASKS) + 1) + 2
+    assert table[-2:] == ["", STAND_IN_NOTE]
 
     path, replaced = write_results(tmp_path, "step_000010", results)
     assert path == tmp_path / "eval" / "step_000010" / "results.json" and not replaced
