@@ -314,6 +314,7 @@ NUMERIC_RANGES: dict[str, _Range] = {
     "optim.z_loss": _NON_NEGATIVE,
     "schedule.warmup_steps": _NON_NEGATIVE,
     "schedule.decay_fraction": _FRACTION,
+    "schedule.decay_steps": _NON_NEGATIVE,
     "schedule.min_lr_ratio": _FRACTION,
     "train.steps": _AT_LEAST_1,
     "train.global_batch_size": _AT_LEAST_1,

@@ -117,7 +117,15 @@ class ScheduleConfig:
     warmup_steps: int = 100
     """Linear warm-up length in optimizer steps; 0 disables warm-up."""
     decay_fraction: float = 0.2
-    """wsd only: fraction of all steps spent in the final decay."""
+    """wsd only: fraction of all steps spent in the final decay (used when decay_steps is 0)."""
+    decay_steps: int = 0
+    """wsd only: length of the final decay in optimizer steps, ending at train.steps; 0 uses
+    decay_fraction. Resuming a stable-phase checkpoint at step S with --train.steps=S+D
+    --schedule.decay_steps=D cools down from S."""
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"
+    """wsd only: the decay's shape from peak to min: linear, or 1-sqrt (lr falls as
+    1 - sqrt(progress); Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond
+    Fixed Training Durations")."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of optim.lr."""
 

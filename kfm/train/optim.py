@@ -109,8 +109,10 @@ def lr_at(step: int, *, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -
     After warm-up:
 
     - cosine: from ``peak_lr`` down to ``peak_lr * min_lr_ratio`` at ``total_steps``;
-    - wsd: ``peak_lr`` until ``round(total_steps * (1 - decay_fraction))`` (never before the end
-      of warm-up), then linear down to ``peak_lr * min_lr_ratio`` at ``total_steps``;
+    - wsd: ``peak_lr`` until the decay starts, at ``total_steps - decay_steps`` when
+      ``decay_steps > 0``, else at ``round(total_steps * (1 - decay_fraction))`` (never before
+      the end of warm-up); then down to ``peak_lr * min_lr_ratio`` at ``total_steps``, linearly
+      or, with ``decay_shape="1-sqrt"``, as ``min + (peak - min) * (1 - sqrt(progress))``;
     - constant: ``peak_lr``.
 
     Steps past ``total_steps`` stay at the final value. Units are those of ``peak_lr``.
@@ -139,10 +141,15 @@ def lr_at(step: int, *, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -
         progress = min(1.0, (step - warmup) / span)
         return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     # wsd
-    decay_start = max(warmup, round(total_steps * (1.0 - cfg.decay_fraction)))
+    if cfg.decay_steps > 0:
+        decay_start = max(warmup, total_steps - cfg.decay_steps)
+    else:
+        decay_start = max(warmup, round(total_steps * (1.0 - cfg.decay_fraction)))
     if step < decay_start or decay_start >= total_steps:
         return peak_lr
     progress = min(1.0, (step - decay_start) / (total_steps - decay_start))
+    if cfg.decay_shape == "1-sqrt":
+        return min_lr + (peak_lr - min_lr) * (1.0 - math.sqrt(progress))
     return peak_lr + (min_lr - peak_lr) * progress
 
 

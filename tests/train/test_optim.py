@@ -125,6 +125,21 @@ def test_wsd_plateau_and_decay_start() -> None:
     assert at(100) == pytest.approx(0.0)
 
 
+def test_wsd_1_sqrt_cooldown_of_a_given_length() -> None:
+    """decay_steps fixes the cooldown's length whatever train.steps is; 1-sqrt falls fast early."""
+    cfg = ScheduleConfig(
+        name="wsd", warmup_steps=5, decay_steps=40, decay_shape="1-sqrt", min_lr_ratio=0.1
+    )
+    at = lambda s, total=100: lr_at(s, total_steps=total, peak_lr=PEAK, cfg=cfg)  # noqa: E731
+    assert [at(s) for s in range(4, 61)] == [pytest.approx(PEAK)] * 57  # stable up to step 60
+    assert at(70) == pytest.approx(0.1 * PEAK + 0.9 * PEAK * (1 - math.sqrt(0.25)))
+    assert at(70) < PEAK + (0.1 * PEAK - PEAK) * 0.25  # below the linear cooldown's value
+    assert at(100) == pytest.approx(0.1 * PEAK)
+    # the same 40-step cooldown at the end of a longer run: only where it starts moves
+    assert at(170, total=200) == pytest.approx(at(70))
+    assert at(159, total=200) == pytest.approx(PEAK)
+
+
 def test_constant_and_no_warmup() -> None:
     cfg = ScheduleConfig(name="constant", warmup_steps=0)
     assert [lr_at(s, total_steps=10, peak_lr=PEAK, cfg=cfg) for s in (0, 5, 10)] == [PEAK] * 3

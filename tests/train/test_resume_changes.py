@@ -98,6 +98,37 @@ def test_new_lr_follows_the_new_schedule_from_the_resume_step(
         assert old[step] == pytest.approx(2 * want, rel=1e-12)  # the old peak was 4e-3
 
 
+def test_cooldown_starts_from_a_stable_phase_checkpoint(tiny_sources, tmp_path, capsys) -> None:
+    """WSD with no decay in sight (decay_fraction=0), then a resume of its step-CKPT_AT checkpoint
+    with a 4-step 1-sqrt cooldown: the lr of every later step is the new schedule's."""
+    stable = ("--schedule.name=wsd", "--schedule.decay_fraction=0", "--schedule.warmup_steps=2")
+    run(tiny_sources, tmp_path, "stable", *stable)
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path / "stable") if "lr" in r}
+    assert [lrs[s] for s in range(3, STEPS + 1)] == [4e-3] * (STEPS - 2)  # never decays
+    ckpt = tmp_path / "stable" / "checkpoints" / f"step_{CKPT_AT:06d}"
+    total, cooldown = CKPT_AT + 4, ("--schedule.decay_steps=4", "--schedule.decay_shape=1-sqrt")
+    run(
+        tiny_sources,
+        tmp_path,
+        "cooled",
+        *stable,
+        *cooldown,
+        f"--checkpoint.resume={ckpt}",
+        f"--train.steps={total}",
+    )
+    out = capsys.readouterr().out
+    assert "schedule.decay_steps: 0 -> 4 (applies from the resume step)" in out
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", [*stable, *cooldown, f"--train.steps={total}"]
+    )
+    new = {r["step"]: r["lr"] for r in records(tmp_path / "cooled") if "lr" in r}
+    assert sorted(new) == list(range(CKPT_AT + 1, total + 1))
+    for step in new:  # the update of step s follows s - 1 optimizer steps
+        want = lr_at(step - 1, total_steps=total, peak_lr=4e-3, cfg=cfg.schedule)
+        assert new[step] == pytest.approx(want, rel=1e-12)
+    assert new[CKPT_AT + 1] == pytest.approx(4e-3) and new[total] < 2e-3  # 1-sqrt: fast fall
+
+
 def _backend(cfg_overrides: list[str], sources: list[dict], root: Path) -> FSDPBackend:
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
