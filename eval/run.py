@@ -184,11 +184,14 @@ def validation_metrics(
     sources: list[DataSourceConfig] | None = None,
     batches: int | None = None,
     device: str | torch.device = "cpu",
+    dp_rank: int = 0,
+    dp_size: int = 1,
 ) -> dict[str, float]:
     """val_loss, val_bpb, val_tokens, val_bpb/<source> and val_bpb/lang/<code> of ``model`` (a
     kfm Transformer) on the validation set ``kfm train`` uses: the first ``batches`` (default
     eval.batches) batches of ``sources`` (default data.sources) in cfg's seq_len and
-    micro_batch_size. ``tokenizer``: the run's (token byte lengths, bos id)."""
+    micro_batch_size. ``tokenizer``: the run's (token byte lengths, bos id). A model sharded over
+    ``dp_size`` data-parallel ranks: each evaluates its share and the sums are all-reduced."""
     sources = cfg.data.sources if sources is None else sources
     val = validation_batches(
         sources,
@@ -204,6 +207,8 @@ def validation_metrics(
         bos_id=tokenizer.bos_token_id,
         device=torch.device(device),
         sources=sources,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
     )
 
 
@@ -223,10 +228,13 @@ def checkpoint_bpb(
     model: nn.Module | None = None,
     batches: int | None = None,
     device: str = "cpu",
+    dp_rank: int = 0,
+    dp_size: int = 1,
 ) -> dict[str, float]:
     """`bpb_breakdown` of checkpoint ``ckpt`` (step dir, checkpoints dir or run dir) on its run's
     validation set, with its run's tokenizer; ``model``: the checkpoint's weights already loaded
-    (a kfm Transformer), to skip loading them again. Nothing is written.
+    (a kfm Transformer, possibly sharded over ``dp_size`` data-parallel ranks: each evaluates its
+    share), to skip loading them again. Nothing is written.
 
     Raises:
         TokenizerMismatchError: the run's tokenizer or shards are not the checkpoint's.
@@ -248,5 +256,13 @@ def checkpoint_bpb(
         model.load_state_dict(state, strict=True)
         model.to(device)
     return bpb_breakdown(
-        validation_metrics(model, cfg, check.tokenizer, batches=batches, device=device)
+        validation_metrics(
+            model,
+            cfg,
+            check.tokenizer,
+            batches=batches,
+            device=device,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
     )

@@ -95,8 +95,14 @@ def _score(
         if cfg.data.sources:  # bits per byte per source and language on the run's val split
             from eval.run import checkpoint_bpb
 
-            # every rank joins: the sharded model's forwards are collectives
-            meta["bpb"] = checkpoint_bpb(step_path, model=lm.model, device=str(device))
+            # every rank joins (the sharded model's forwards are collectives), each with its share
+            meta["bpb"] = checkpoint_bpb(
+                step_path,
+                model=lm.model,
+                device=str(device),
+                dp_rank=lm.dp_rank,
+                dp_size=lm.dp_size,
+            )
     results = run_benchmarks(
         lm,
         tasks,

@@ -438,7 +438,6 @@ def release(
     )
     from kfm.export.hf import export_hf, to_hf_state_dict
     from kfm.fs import atomic_write_text, check_output_dir, publish_dir
-    from kfm.tokenizer import load_tokenizer
     from kfm.tokenizer.identity import check_tokenizer_identity, describe
 
     started = time.perf_counter()
@@ -482,7 +481,7 @@ def release(
     for w in warnings:
         warn(f"warning: {w}")
 
-    tok = load_tokenizer(tokenizer_dir)
+    tok = identity.tokenizer  # loaded by the identity check
     pii, line = _pii_audit(cfg, tok, n_docs=pii_sample, max_per_million=pii_max)
     checks.append(line)
     progress(f"check: {line}: ok")

@@ -25,8 +25,9 @@ import yaml
 
 from kfm.config import Config, ModelConfig
 
-# torch, numpy and kfm.model are imported inside the functions that use them, so that `kfm
-# --help` (which builds the `kfm release` parser from this module's LICENSES) stays instant.
+# torch, numpy and kfm.model are imported inside the functions that use them. (Importing this
+# module still imports kfm.export and so transformers: kfm_cli/release.py keeps its own copy of
+# the license ids for `kfm --help`, which tests/export/test_release.py holds equal to LICENSES.)
 
 # ---- licenses --------------------------------------------------------------------------------
 
@@ -37,7 +38,6 @@ LICENSES: dict[str, tuple[str, str]] = {
     "cc-by-4.0": ("Creative Commons Attribution 4.0 International", "cc-by-4.0.txt"),
 }
 """--license choice (the Hugging Face Hub's license id) -> (name, text file under licenses/)."""
-DEFAULT_LICENSE = "apache-2.0"
 
 
 class ReleaseError(ValueError):

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 import kfm
+from kfm.checkpoint.stepdir import rank_world
 from kfm.config import Config, DataConfig, ModelConfig, TokenizerConfig, to_dict
-from kfm.export.hf import _WRAPPER_PREFIXES, _name_pairs
+from kfm.export.hf import _WRAPPER_PREFIXES, _describe, _name_pairs
 from kfm.fs import IMPORT_FORMAT, IMPORT_MARKER, check_output_dir, publish_dir
 from kfm.model import Transformer, ffn_hidden_dim
 from kfm.model.transformer import rope_tables
@@ -358,10 +359,6 @@ def _fill_rope(model: nn.Module, cfg: ModelConfig) -> None:
             buf.copy_(sin)
 
 
-def _describe(cfg: ModelConfig) -> str:
-    return f"n_layers={cfg.n_layers}, qk_norm={cfg.qk_norm}, tie_embeddings={cfg.tie_embeddings}"
-
-
 # -- tokenizer -----------------------------------------------------------------------------------
 
 
@@ -420,14 +417,8 @@ class ImportResult:
     """One per rank, in rank order."""
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _broadcast(obj: Any) -> Any:
-    if _rank_world()[1] == 1:
+    if rank_world()[1] == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -494,7 +485,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     from kfm.checkpoint.stepdir import all_gather
     from kfm.tokenizer.core import tokenizer_hash
 
-    rank, world_size = _rank_world()
+    rank, world_size = rank_world()
     hf_dir = Path(hf_dir).resolve()
     cfg = model_config_from_hf(hf_dir)
     weight_map(hf_dir)  # no safetensors: refused before anything is written
