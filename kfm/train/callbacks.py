@@ -51,6 +51,10 @@ class StepInfo:
     """This rank's own host work in the step: on_step_start components plus data loading."""
     data_s: float
     """Of which loading batches (PackedLoader.next_batch)."""
+    step_s: float = 0.0
+    """Wall seconds of the step itself on this rank: on_step_start components, data, forward,
+    backward, update and the stop check; not the on_step_end components (evaluation,
+    checkpoints, logging)."""
 
 
 class Callback:
@@ -150,11 +154,14 @@ class MetricsReporter(Callback):
         self.guard = guard
         self._t_last = 0.0
         self._step_last = 0
+        self.train_s = 0.0
+        """Training seconds of this process so far: the sum of every step's ``step_s``."""
 
     def on_train_start(self, step: int) -> None:
         self._t_last, self._step_last = time.perf_counter(), step
 
     def on_step_end(self, info: StepInfo) -> None:
+        self.train_s += info.step_s
         if is_log_step(self.cfg, info):
             # .item() syncs the device: only on log steps, which every rank takes together.
             metrics: dict[str, Any] = {
@@ -167,6 +174,7 @@ class MetricsReporter(Callback):
             seconds = time.perf_counter() - self._t_last
             metrics |= self.throughput.figures(info.step - self._step_last, seconds)
             metrics["peak_memory_gb"] = peak_memory_gb(self.device)
+            metrics["train_s"] = self.train_s
             self.logger.log(info.step, metrics)
             self._t_last, self._step_last = time.perf_counter(), info.step
         elif info.out.skipped.device.type == "cpu" and info.out.skipped.item():

@@ -89,8 +89,9 @@ def run_loop(
             for c in components:
                 c.on_step_start(step)
             host_s = time.perf_counter() - t0
-            out = backend.step(batches)
+            out = backend.step(batches, step=step)
             stopping = stop.agreed(device)
+            step_s = time.perf_counter() - t0
             info = StepInfo(
                 step=step,
                 out=out,
@@ -98,6 +99,7 @@ def run_loop(
                 stopping=stopping,
                 host_s=host_s + batches.seconds,
                 data_s=batches.seconds,
+                step_s=step_s,
             )
             for c in components:
                 c.on_step_end(info)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parallel.harness import fsdp_run, shared_root
+from tests.parallel.harness import fsdp_run, run_train, shared_root
 
 TOKENS_PER_STEP = 8 * 64
 FLOPS_PER_TOKEN = 1_081_344
@@ -42,3 +42,29 @@ def test_peak_override_scales_mfu(tiny_sources, tmp_path_factory) -> None:
     run = fsdp_run(tiny_sources, shared_root(tmp_path_factory), 2, "--train.peak_tflops=0.25")
     for r in (r for r in run.records() if "mfu" in r):
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.25, rel=1e-9)
+
+
+def test_train_seconds_leave_out_evaluation_and_checkpoints(tiny_sources, tmp_path_factory) -> None:
+    # An evaluation and a checkpoint after every step: step_time_s (wall time between log
+    # lines) includes them, train_s (what benchmarks/time_to_target.py counts) must not.
+    run = run_train(
+        tiny_sources,
+        shared_root(tmp_path_factory),
+        "train-seconds",
+        nproc=0,
+        args=(
+            "--train.steps=6",
+            "--eval.interval=1",
+            "--eval.batches=4",
+            "--checkpoint.interval=1",
+        ),
+    )
+    records = run.records()
+    steps = [r for r in records if "train_s" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    train_s = [r["train_s"] for r in steps]
+    assert all(b > a > 0 for a, b in zip(train_s, train_s[1:], strict=False))
+    wall = sum(r["step_time_s"] for r in steps)
+    val = sum(r["val_time_s"] for r in records if "val_time_s" in r and r["step"] < 6)
+    assert val > 0
+    assert wall - train_s[-1] >= val
