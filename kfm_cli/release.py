@@ -436,7 +436,7 @@ def release(
         resolve_license,
         training_facts,
     )
-    from kfm.export.hf import export_hf, to_hf_state_dict
+    from kfm.export.hf import check_exportable, export_hf, to_hf_state_dict
     from kfm.fs import atomic_write_text, check_output_dir, publish_dir
     from kfm.tokenizer.identity import check_tokenizer_identity, describe
 
@@ -448,6 +448,7 @@ def release(
     run_dir, ckpt = _checkpoint(Path(run), step)
     manifest = read_manifest(ckpt)
     cfg = config_from_dict(manifest.get("config", {}), source=f"{ckpt}/manifest.json")
+    check_exportable(cfg.model)  # before the PII audit and the weights
     tokenizer_dir = Path(cfg.tokenizer.path)
     identity = check_tokenizer_identity(
         tokenizer_dir, checkpoint=ckpt, config=cfg, tokenizer_given=False

@@ -54,6 +54,22 @@ class ExportError(ValueError):
     """An export problem, phrased so that the message alone says how to fix it."""
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise ``ExportError`` if the model ``cfg`` computes something no exported format can.
+
+    ``model.logit_softcap`` > 0: Llama and Qwen3 (and llama.cpp's llama/qwen3 graphs) have no
+    final-logit soft-capping, so the exported model would give other logits. Gemma 2 has one
+    (``final_logit_softcapping``) but its blocks differ (extra norms, GeGLU, scaled embeddings).
+    Called by every export path before anything is read or written.
+    """
+    if cfg.logit_softcap > 0:
+        raise ExportError(
+            f"model.logit_softcap={cfg.logit_softcap:g}: the exported architectures (Llama, "
+            "Qwen3, their GGUF graphs) have no final-logit soft-capping, so the export would "
+            "compute other logits; only a model trained with model.logit_softcap=0 exports"
+        )
+
+
 def _head_dim(cfg: ModelConfig) -> int:
     return cfg.d_model // cfg.n_heads
 
@@ -71,8 +87,9 @@ def hf_config(
     Returns a ``LlamaConfig`` when ``cfg.qk_norm`` is False and a ``Qwen3Config`` (which has
     per-head q_norm/k_norm before RoPE) when True. ``dtype`` is recorded as the config's dtype
     (the dtype the weights are stored in). Raises ``ExportError`` if d_model is not a multiple of
-    n_heads, which the kfm model requires too.
+    n_heads, which the kfm model requires too, or from :func:`check_exportable`.
     """
+    check_exportable(cfg)
     if cfg.d_model % cfg.n_heads != 0:
         raise ExportError(
             f"model.d_model={cfg.d_model} is not a multiple of model.n_heads={cfg.n_heads}; "
@@ -195,8 +212,9 @@ def to_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Te
     (``_orig_mod.`` from torch.compile, ``_checkpoint_wrapped_module.``, ``module.``) are ignored.
     With ``cfg.tie_embeddings`` the input may omit ``output.weight``; the result always holds
     ``lm_head.weight`` aliasing ``model.embed_tokens.weight``. Raises ``ExportError`` listing
-    missing and unexpected keys.
+    missing and unexpected keys, or from :func:`check_exportable`.
     """
+    check_exportable(cfg)
     return _remap(state, _name_pairs(cfg), cfg, src_kind="kfm")
 
 

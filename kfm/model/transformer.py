@@ -46,6 +46,41 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+class _SoftCap(torch.autograd.Function):
+    """cap * tanh(x / cap) in fp32, saving only its output for backward.
+
+    d/dx = 1 - tanh^2 = 1 - (out / cap)^2, so the output (which the loss keeps anyway: it is the
+    fp32 copy of the logits cross_entropy_loss would otherwise make) is all backward needs.
+    Autograd's tanh would save a second fp32 (B, T, V) tensor: 4 bytes per vocabulary entry per
+    token, GiBs at a 128k vocabulary. Elementwise, so vocab-sharded DTensor logits (TP
+    loss_parallel) stay sharded.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, cap: float) -> Tensor:
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+        out = torch.tanh(wide / cap) * cap
+        ctx.save_for_backward(out)
+        ctx.cap = cap  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        cap: float = ctx.cap  # type: ignore[attr-defined]
+        return grad * (1.0 - (out / cap).square()), None
+
+
+def softcap(logits: Tensor, cap: float) -> Tensor:
+    """cap * tanh(logits / cap) in fp32 (Gemma 2's final-logit soft-capping): |result| < cap,
+    ~logits where |logits| << cap. A few elementwise FLOPs per logit against the output
+    projection's 2 * d_model: not counted by the FLOPs model. Raises ValueError if cap <= 0."""
+    if cap <= 0:
+        raise ValueError(f"softcap needs cap > 0, got {cap} (model.logit_softcap=0 turns it off)")
+    out: Tensor = _SoftCap.apply(logits, cap)
+    return out
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * weight over the last dim, in fp32, cast back to x's dtype."""
 
@@ -126,6 +161,11 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.zero_init_head and cfg.tie_embeddings:
+            raise ValueError(
+                "model.zero_init_head=true would zero the tied embedding table: set "
+                "--model.tie_embeddings=false"
+            )
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # A ModuleDict keyed "0".."L-1": parameter names layers.{i} (as checkpoints and the HF
@@ -150,9 +190,20 @@ class Transformer(nn.Module):
         output projections attention.wo and feed_forward.w2: normal(0, init_std / sqrt(2 *
         n_layers)), so the residual stream's variance does not grow with depth. RMSNorm weights
         are 1. Deterministic given torch.manual_seed.
+
+        cfg.zero_init_output sets wo and w2 to zero (each block starts as the identity; the
+        branch's other weights get gradients from the second step on), cfg.zero_init_head the
+        untied output projection (the first logits are all 0, the loss ln(vocab_size)). They
+        are zeroed after their normal draw, so every other weight equals the default init
+        under the same seed: an A/B run differs only in the zeroed weights.
         """
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        cfg = self.cfg
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        zeroed: tuple[str, ...] = ()
+        if cfg.zero_init_output:
+            zeroed += ("attention.wo.weight", "feed_forward.w2.weight")
+        if cfg.zero_init_head:  # untied: __init__ refuses a tied head
+            zeroed += ("output.weight",)
         # named_parameters yields a tied output.weight once, as tok_embeddings.weight.
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -160,14 +211,16 @@ class Transformer(nn.Module):
             elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(param, mean=0.0, std=out_std)
             else:
-                nn.init.normal_(param, mean=0.0, std=std)
-        cfg = self.cfg
+                nn.init.normal_(param, mean=0.0, std=cfg.init_std)
+            if zeroed and name.endswith(zeroed):
+                param.zero_()
         tables = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.rope_cos.copy_(tables[0])
         self.rope_sin.copy_(tables[1])
 
     def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
-        """Return logits (B, T, vocab_size) for tokens (B, T), in the dtype autocast gives.
+        """Return logits (B, T, vocab_size) for tokens (B, T), in the dtype autocast gives, or
+        fp32 soft-capped to (-c, c) when cfg.logit_softcap = c > 0 (see `softcap`).
 
         doc_ids (B, T), a per-sequence document index non-decreasing along T, makes attention
         block-causal when cfg.document_masking is True (a token sees only earlier-or-same
@@ -196,7 +249,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, d_model)
         for block in self.layers.values():
             h = block(h, cos, sin, mask)
-        return self.output(self.norm(h))  # (B, T, vocab_size)
+        logits = self.output(self.norm(h))  # (B, T, vocab_size)
+        if self.cfg.logit_softcap > 0:
+            logits = softcap(logits, self.cfg.logit_softcap)
+        return logits
 
     def num_params(self, *, exclude_embeddings: bool = False) -> int:
         """Count parameters, tied weights once; exclude_embeddings drops the input embedding table
