@@ -301,6 +301,7 @@ NUMERIC_RANGES: dict[str, _Range] = {
     "model.max_seq_len": _AT_LEAST_1,
     "model.norm_eps": _POSITIVE,
     "model.init_std": _POSITIVE,
+    "model.logit_softcap": _NON_NEGATIVE,
     "tokenizer.vocab_size": _AT_LEAST_1,
     "tokenizer.min_frequency": _AT_LEAST_1,
     "tokenizer.n_reserved": _NON_NEGATIVE,
@@ -312,6 +313,10 @@ NUMERIC_RANGES: dict[str, _Range] = {
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.grad_clip": _NON_NEGATIVE,
     "optim.z_loss": _NON_NEGATIVE,
+    "optim.muon_momentum": _Range(lo=0, hi=1, hi_open=True),
+    "optim.muon_momentum_start": _Range(lo=0, hi=1, hi_open=True),
+    "optim.muon_momentum_warmup": _NON_NEGATIVE,
+    "optim.muon_ns_steps": _Range(lo=1, hi=99),
     "schedule.warmup_steps": _NON_NEGATIVE,
     "schedule.decay_fraction": _FRACTION,
     "schedule.decay_steps": _NON_NEGATIVE,
@@ -319,8 +324,11 @@ NUMERIC_RANGES: dict[str, _Range] = {
     "train.steps": _AT_LEAST_1,
     "train.global_batch_size": _AT_LEAST_1,
     "train.micro_batch_size": _AT_LEAST_1,
+    "train.batch_ramp_start": _NON_NEGATIVE,
+    "train.batch_ramp_steps": _NON_NEGATIVE,
     "train.seed": _NON_NEGATIVE,  # numpy.random.seed refuses negative seeds
     "train.peak_tflops": _POSITIVE,
+    "train.ema_decay": _Range(lo=0, hi=1, hi_open=True),
     "parallel.dp_replicate": _Range(lo=1, also=(-1,)),
     "parallel.dp_shard": _Range(lo=1, also=(-1,)),
     "parallel.tp": _AT_LEAST_1,
@@ -395,6 +403,11 @@ def validate(cfg: Config) -> None:
             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
             f"(set --model.n_kv_heads to one of {divisors})"
         )
+    if m.zero_init_head and m.tie_embeddings:
+        raise ConfigError(
+            "model.zero_init_head=true needs an untied head: a tied head is the embedding table, "
+            "which must not start at zero (set --model.tie_embeddings=false)"
+        )
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len} "
@@ -408,6 +421,7 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
             f"train.micro_batch_size={t.micro_batch_size} (set --train.micro_batch_size)"
         )
+    _check_batch_ramp(cfg)
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.95]")
     par = cfg.parallel
@@ -421,6 +435,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.fp8=mxfp8 needs bf16 parameters: set --train.dtype=bf16")
     if par.fp8_all_gather and par.fp8 != "tensorwise":
         raise ConfigError("parallel.fp8_all_gather=true needs --parallel.fp8=tensorwise")
+    if cfg.optim.name == "muon":
+        if par.backend == "deepspeed":
+            # ZeRO hands the optimizer flat 1-D partitions of many parameters: no matrix to
+            # orthogonalise.
+            raise ConfigError(
+                "optim.name=muon is not supported with parallel.backend=deepspeed; use "
+                "parallel.backend=fsdp (or --optim.name=adamw)"
+            )
+        import torch  # here, not at the top: loading a config needs no torch otherwise
+
+        if not hasattr(torch.optim, "Muon"):
+            raise ConfigError(
+                f"optim.name=muon needs torch >= 2.9 (torch.optim.Muon); torch {torch.__version__} "
+                "is installed: pip install 'torch>=2.9', or set --optim.name=adamw"
+            )
+    if t.ema_decay > 0 and par.backend == "deepspeed":
+        # The DeepSpeed engine owns its (partitioned) fp32 weights; kfm has no hook on them.
+        raise ConfigError(
+            "train.ema_decay > 0 is not supported with parallel.backend=deepspeed; use "
+            "parallel.backend=fsdp (or --train.ema_decay=0)"
+        )
     for spec in cfg.debug.faults:
         parse_fault(spec)
     h = cfg.health
@@ -430,6 +465,43 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"health.profile_steps={h.profile_steps} must be [first, last] with "
             "1 <= first <= last, e.g. --health.profile_steps='[10, 12]'"
+        )
+
+
+def _check_batch_ramp(cfg: Config) -> None:
+    """train.batch_ramp_*: the checks that need no world size (kfm/train/ramp.py checks the
+    data-parallel multiple once the mesh is known)."""
+    t = cfg.train
+    start, steps, full = t.batch_ramp_start, t.batch_ramp_steps, t.global_batch_size
+    if start == 0:
+        if steps:
+            raise ConfigError(
+                f"train.batch_ramp_steps={steps} needs train.batch_ramp_start > 0 (the global "
+                "batch at step 1): set --train.batch_ramp_start, or --train.batch_ramp_steps=0"
+            )
+        return
+    if cfg.parallel.backend == "deepspeed":
+        raise ConfigError(
+            "train.batch_ramp_start > 0 is not supported with parallel.backend=deepspeed; use "
+            "parallel.backend=fsdp (or --train.batch_ramp_start=0)"
+        )
+    if steps < 1:
+        raise ConfigError(
+            f"train.batch_ramp_start={start} needs train.batch_ramp_steps >= 1 (the steps over "
+            "which the batch grows): set --train.batch_ramp_steps, or --train.batch_ramp_start=0"
+        )
+    if start > full:
+        raise ConfigError(
+            f"train.batch_ramp_start={start} must be <= train.global_batch_size={full} (the "
+            "batch grows up to it): lower --train.batch_ramp_start"
+        )
+    fits = [d for d in range(t.micro_batch_size, full + 1, t.micro_batch_size) if full % d == 0]
+    if start % t.micro_batch_size or full % start:
+        raise ConfigError(
+            f"train.batch_ramp_start={start} must be a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} and divide train.global_batch_size={full} (the batch grows in "
+            f"stages of batch_ramp_start sequences): set --train.batch_ramp_start to one of "
+            f"{', '.join(map(str, fits[:6]))}"
         )
 
 

@@ -43,6 +43,15 @@ class ModelConfig:
     """auto: flex on CUDA, sdpa on CPU. flash needs the `gpu` extra (flash-attn)."""
     document_masking: bool = True
     """Block-causal attention inside each packed document; False is plain causal over the sequence."""
+    zero_init_output: bool = False
+    """Start every block's residual output projections (attention.wo, feed_forward.w2) at zero, so
+    each block begins as the identity (Fixup / Goyal et al. 2017; modded-nanogpt)."""
+    zero_init_head: bool = False
+    """Start the output projection (`output`) at zero: the first logits are all 0 (modded-nanogpt).
+    Needs tie_embeddings=false (a tied head is the embedding table)."""
+    logit_softcap: float = 0.0
+    """Cap logits smoothly to (-c, c): c * tanh(logits / c), in training and evaluation (Gemma 2;
+    modded-nanogpt uses 15-30); 0 disables it. A capped model cannot be exported (kfm export)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -94,6 +103,10 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW on every parameter. muon: Muon on the 2-D matrices of the Transformer blocks
+    (attention wq/wk/wv/wo, feed-forward w1/w2/w3), AdamW on the rest (embedding, output head,
+    norms); one lr and schedule drive both (see docs/training.md, "Muon")."""
     lr: float = 3e-4
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -108,6 +121,14 @@ class OptimConfig:
     """Weight of the z-loss (mean of logsumexp(logits)^2); 0 disables it. 1e-4 is typical."""
     impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     """AdamW kernel: auto picks fused on CUDA, foreach elsewhere."""
+    muon_momentum: float = 0.95
+    """Muon (optim.name=muon): momentum after warm-up (Nesterov, as torch.optim.Muon)."""
+    muon_momentum_start: float = 0.85
+    """Muon: momentum at the first optimizer step, raised linearly to muon_momentum."""
+    muon_momentum_warmup: int = 300
+    """Muon: optimizer steps of the momentum warm-up; 0 uses muon_momentum from the start."""
+    muon_ns_steps: int = 5
+    """Muon: Newton-Schulz iterations (torch's quintic coefficients) orthogonalising the update."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,6 +163,15 @@ class TrainConfig:
     """Sequences per optimizer step over all ranks."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank; accumulation = global / (micro * world size)."""
+    batch_ramp_start: int = 0
+    """Batch-size ramp-up: sequences in the global batch at step 1, growing linearly in stages of
+    this size to global_batch_size over batch_ramp_steps steps (kfm/train/ramp.py); must be a
+    multiple of micro_batch_size * data-parallel size and divide global_batch_size. 0: off."""
+    batch_ramp_steps: int = 0
+    """Optimizer steps during which the batch is below global_batch_size (ramp only)."""
+    batch_ramp_lr: Literal["sqrt", "linear", "none"] = "sqrt"
+    """Ramp only: the lr is multiplied by sqrt(b / global_batch_size) (Adam's rule), by
+    b / global_batch_size, or not at all while the step's batch b is below the full batch."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Compute dtype: fp32, or bf16 autocast with fp32 master weights and fp32 loss."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -155,6 +185,11 @@ class TrainConfig:
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device, for MFU; None: the datasheet figure of the GPU for the
     compute dtype (bf16, or fp8 with parallel.fp8), or kfm.model.flops.CPU_NOMINAL_TFLOPS on CPU."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights, updated after every optimizer step: 0 off; e.g.
+    0.999 (averages over ~1/(1-decay) steps). Its decay warms up as min(ema_decay, (1+t)/(10+t))
+    at update t; fp32, one copy of each rank's parameter shard; saved in checkpoints and
+    evaluated as ema/val_bpb (docs/training.md, "Weight averaging"). FSDP backend only."""
 
 
 @dataclass(kw_only=True, slots=True)
