@@ -269,13 +269,14 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     from kfm.checkpoint import load_model_state, resolve_checkpoint_arg
     from kfm.checkpoint.stepdir import read_manifest
     from kfm.config import config_from_dict
-    from kfm.export.hf import export_hf
+    from kfm.export.hf import check_exportable, export_hf
     from kfm.export.verify import export_logits_diff
     from kfm.fs import check_output_dir
     from kfm.tokenizer.identity import check_tokenizer_identity
 
     path = resolve_checkpoint_arg(args.checkpoint)
     cfg = config_from_dict(read_manifest(path).get("config", {}), source=f"{path}/manifest.json")
+    check_exportable(cfg.model)  # e.g. a soft-capped head: refused before anything is read
     tokenizer = args.tokenizer or cfg.tokenizer.path
     # Before the weights are read or anything is written: the tokenizer shipped with the model
     # must be the one it was trained with (the logits check below cannot see a wrong one).
