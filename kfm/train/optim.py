@@ -1,4 +1,5 @@
-"""AdamW with decay / no-decay parameter groups, and the learning-rate schedules.
+"""The optimizer (AdamW, or Muon + AdamW: `kfm.train.muon`) with named parameter groups, and
+the learning-rate schedules.
 
 The schedule is a pure function of the optimizer step (`lr_at`), so the test, the logger and the
 scheduler all compute the same number; `build_scheduler` wraps it in a `LambdaLR` whose step count
@@ -13,15 +14,20 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from kfm.config import OptimConfig, ScheduleConfig
+from kfm.train.muon import MUON_GROUP, MuonAdamW, count_params
 
 EMBEDDING_SUFFIX = "tok_embeddings.weight"
 """Parameters whose name ends with this are embeddings: never weight-decayed."""
+
+OUTPUT_SUFFIX = "output.weight"
+"""Parameters whose name ends with this are the output head: AdamW, never Muon."""
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -31,44 +37,54 @@ def _is_cuda(param: torch.Tensor) -> bool:
     return param.device.type == "cuda"
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Build AdamW with two parameter groups, named "decay" and "no_decay".
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Build the optimizer of ``cfg.name`` with named parameter groups; one object either way.
 
-    Decay: every trainable parameter with ``ndim >= 2`` except the token embedding (any name ending
-    in ``tok_embeddings.weight``). A tied output projection is the same tensor as the embedding, so
+    adamw: `torch.optim.AdamW` with groups "decay" and "no_decay". Decay: every trainable
+    parameter with ``ndim >= 2`` except the token embedding (any name ending in
+    ``tok_embeddings.weight``). A tied output projection is the same tensor as the embedding, so
     it is found by identity and lands in no_decay once. No decay: norms, biases, other 1-D
-    parameters and the embedding. Each group carries ``"name"`` for logging; empty groups are left
-    out.
+    parameters and the embedding.
 
-    Kernel (``cfg.impl``): auto picks ``fused=True`` when every parameter is on CUDA, otherwise
-    ``foreach=True``; "fused", "foreach" and "for-loop" force one (torch raises if the fused kernel
-    does not support the device).
+    muon: `kfm.train.muon.MuonAdamW`: group "muon" holds the 2-D parameters that are neither the
+    embedding nor the output head (name ending in ``output.weight``), i.e. the attention and
+    feed-forward matrices of every block, with ``optim.weight_decay`` and the ``optim.muon_*``
+    settings; "decay" (an untied output head) and "no_decay" are AdamW's as above. All groups
+    start at ``optim.lr``.
+
+    Each group carries ``"name"`` for logging; empty groups are left out. AdamW kernel
+    (``cfg.impl``): auto picks ``fused=True`` when every parameter is on CUDA, otherwise
+    ``foreach=True``; "fused", "foreach" and "for-loop" force one (torch raises if the fused
+    kernel does not support the device).
 
     Raises:
         ValueError: no trainable parameters, ``optim.betas`` is not two numbers, or an unknown
-            ``optim.impl``.
+            ``optim.impl`` or ``optim.name``.
     """
     if len(cfg.betas) != 2:
         raise ValueError(
             f"optim.betas={cfg.betas!r} must be two numbers (beta1, beta2), e.g. --optim.betas=[0.9,0.95]"
         )
+    if cfg.name not in ("adamw", "muon"):
+        raise ValueError(f"optim.name={cfg.name!r} is not adamw or muon (set --optim.name=adamw)")
     # remove_duplicate=False so a tied tensor is recognised as the embedding whatever name
     # named_parameters() would have kept for it.
-    embedding_ids = {
-        id(p)
-        for name, p in model.named_parameters(remove_duplicate=False)
-        if name.endswith(EMBEDDING_SUFFIX)
-    }
+    named = list(model.named_parameters(remove_duplicate=False))
+    embedding_ids = {id(p) for name, p in named if name.endswith(EMBEDDING_SUFFIX)}
+    output_ids = {id(p) for name, p in named if name.endswith(OUTPUT_SUFFIX)}
+    muon: list[nn.Parameter] = []
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for param in model.parameters():  # deduplicated: a tied tensor appears once
         if not param.requires_grad:
             continue
-        if param.ndim >= 2 and id(param) not in embedding_ids:
-            decay.append(param)
-        else:
+        if id(param) in embedding_ids or param.ndim < 2:
             no_decay.append(param)
-    if not decay and not no_decay:
+        elif cfg.name == "muon" and param.ndim == 2 and id(param) not in output_ids:
+            muon.append(param)
+        else:
+            decay.append(param)
+    if not muon and not decay and not no_decay:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to optimise")
 
     groups = [
@@ -76,29 +92,61 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         for name, params, wd in (("decay", decay, cfg.weight_decay), ("no_decay", no_decay, 0.0))
         if params
     ]
-    kernel: dict[str, bool] = {}
-    if cfg.impl == "auto":
-        all_cuda = all(_is_cuda(p) for p in decay + no_decay)
-        kernel = {"fused": True} if all_cuda else {"foreach": True}
-    elif cfg.impl == "fused":
-        kernel = {"fused": True}
-    elif cfg.impl == "foreach":
-        kernel = {"foreach": True}
-    elif cfg.impl == "for-loop":
-        kernel = {"foreach": False, "fused": False}
-    else:
-        raise ValueError(
-            f"optim.impl={cfg.impl!r} is not one of auto, fused, foreach, for-loop "
-            "(set --optim.impl=auto)"
-        )
-    return torch.optim.AdamW(
+    adamw_kwargs: dict[str, Any] = {
+        "betas": (float(cfg.betas[0]), float(cfg.betas[1])),
+        "eps": cfg.eps,
+        "weight_decay": cfg.weight_decay,
+        **_adamw_kernel(cfg, muon + decay + no_decay),
+    }
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, **adamw_kwargs)
+    return MuonAdamW(
+        {"params": muon, "weight_decay": cfg.weight_decay, **_muon_settings(cfg)},
         groups,
         lr=cfg.lr,
-        betas=(float(cfg.betas[0]), float(cfg.betas[1])),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        **kernel,
+        adamw_kwargs=adamw_kwargs,
     )
+
+
+def _adamw_kernel(cfg: OptimConfig, params: list[nn.Parameter]) -> dict[str, bool]:
+    if cfg.impl == "auto":
+        return {"fused": True} if all(_is_cuda(p) for p in params) else {"foreach": True}
+    if cfg.impl == "fused":
+        return {"fused": True}
+    if cfg.impl == "foreach":
+        return {"foreach": True}
+    if cfg.impl == "for-loop":
+        return {"foreach": False, "fused": False}
+    raise ValueError(
+        f"optim.impl={cfg.impl!r} is not one of auto, fused, foreach, for-loop "
+        "(set --optim.impl=auto)"
+    )
+
+
+def _muon_settings(cfg: OptimConfig) -> dict[str, Any]:
+    """The Muon group's keys that come from ``optim.muon_*`` (set again on resume)."""
+    return {
+        "momentum": cfg.muon_momentum,
+        "momentum_start": cfg.muon_momentum_start,
+        "momentum_warmup": cfg.muon_momentum_warmup,
+        "ns_steps": cfg.muon_ns_steps,
+    }
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """One log line: the optimizer and each group's tensors and elements (global counts), e.g.
+    ``optimizer: Muon on 14 matrices (98,304 params), AdamW on decay 1 (65,536) + no_decay 6
+    (65,920)``."""
+    sizes = {
+        group.get("name", "group"): (len(group["params"]), count_params(group["params"]))
+        for group in optimizer.param_groups
+    }
+    muon = sizes.pop(MUON_GROUP, None)
+    adamw = " + ".join(f"{name} {n} ({size:,})" for name, (n, size) in sizes.items())
+    if muon is None:
+        return f"optimizer: AdamW on {adamw}"
+    line = f"optimizer: Muon on {muon[0]} matrices ({muon[1]:,} params)"
+    return f"{line}, AdamW on {adamw}" if adamw else line
 
 
 def lr_at(step: int, *, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> float:
@@ -187,15 +235,19 @@ def apply_optim_config(
     ``cfg`` and recomputes each group's ``lr`` for ``scheduler.last_epoch`` exactly as
     ``LambdaLR`` does (``base_lr * multiplier(step)``), so with an unchanged config nothing
     changes, bit for bit, and with a new one the next update uses ``lr_at(step)`` of the new
-    schedule. Weight decay goes to the "decay" group only ("no_decay" keeps 0). The moments
-    (``exp_avg``, ``exp_avg_sq``) and AdamW's step count are kept.
+    schedule. Weight decay goes to the "decay" and "muon" groups ("no_decay" keeps 0); the
+    "muon" group also takes ``optim.muon_*`` (its Newton-Schulz ``eps`` is not AdamW's). The
+    moments (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) and step counts are kept.
     """
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr
+        name = group.get("name")
+        if name == MUON_GROUP:
+            group.update(_muon_settings(cfg), weight_decay=cfg.weight_decay)
+            continue
         group["betas"] = betas
         group["eps"] = cfg.eps
-        name = group.get("name")
         if name == "decay" or (name is None and group.get("weight_decay", 0.0) != 0.0):
             group["weight_decay"] = cfg.weight_decay
         else:

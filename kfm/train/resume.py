@@ -90,6 +90,7 @@ _REFUSED_WHY = {
     "data.sources": "the data order depends on the sources and their weights",
     "train.seed": "the RNG states come from the checkpoint",
     "parallel.backend": "FSDP and DeepSpeed checkpoints have different files",
+    "optim.name": "the checkpoint's optimizer state is the other optimizer's",
 }
 _APPLIES_ANYWAY = ("model.attn_backend", "optim.impl")
 """Keys under a refused or schedule prefix that only choose a kernel."""

@@ -39,7 +39,12 @@ from kfm.train.backends.base import BatchSource, DeviceTimer, StepOutput, accumu
 from kfm.train.dist import WorldInfo, mean_over_ranks
 from kfm.train.guard import StepGuard
 from kfm.train.loss import cross_entropy_loss
-from kfm.train.optim import apply_optim_config, build_optimizer, build_scheduler
+from kfm.train.optim import (
+    apply_optim_config,
+    build_optimizer,
+    build_scheduler,
+    describe_optimizer,
+)
 
 
 def build_model(cfg: Config, device: torch.device) -> Transformer:
@@ -100,6 +105,9 @@ class FSDPBackend:
         return torch.bfloat16 if self.cfg.train.dtype == "bf16" and not self.fsdp else None
 
     def describe(self) -> str:
+        return f"{self._describe_layout()}\n{describe_optimizer(self.optimizer)}"
+
+    def _describe_layout(self) -> str:
         if self.mesh is None:
             return f"1 process; {self.accum} micro-batches of {self.cfg.train.micro_batch_size} per step"
         replicate, shard, tp = mesh_shape(self.cfg.parallel, self.world_size)
