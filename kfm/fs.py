@@ -131,7 +131,9 @@ def _is_empty_dir(path: Path) -> bool:
 
 # ---- which directories a writer may replace -------------------------------------------------
 
-OutputKind = Literal["shard set", "tokenizer", "export", "data run", "report", "import", "release"]
+OutputKind = Literal[
+    "shard set", "tokenizer", "export", "data run", "report", "import", "release", "merge"
+]
 
 # The files by which kfm recognises its own outputs and the directories it protects. They are
 # the writers' own names (kfm.data.shards, kfm.tokenizer.core, kfm.export.hf, kfm.checkpoint,
@@ -144,6 +146,8 @@ EXPORT_MARKER = "kfm_export.json"
 EXPORT_FORMAT = "kfm-export"
 IMPORT_MARKER = "kfm_import.json"
 IMPORT_FORMAT = "kfm-import"
+MERGE_MARKER = "kfm_merge.json"
+MERGE_FORMAT = "kfm-merge"
 RELEASE_MARKER = "kfm_release.json"
 RELEASE_FORMAT = "kfm-release"
 DATA_RUN_MARKER = "pipeline.yaml"
@@ -159,6 +163,7 @@ _RECOGNISED_BY: dict[str, str] = {
     "data run": f"{DATA_RUN_MARKER}",
     "report": f"{REPORT_MARKER}",
     "import": f"{IMPORT_MARKER}",
+    "merge": f"{MERGE_MARKER}",
     "release": f"{RELEASE_MARKER}",
 }
 
@@ -208,7 +213,7 @@ def output_kind(path: str | Path) -> OutputKind | None:
     ``tokenizer.json``; export: ``kfm_export.json`` (or, for exports made before it existed,
     config.json with kfm's model card); data run: ``pipeline.yaml`` of a `kfm data run`; report:
     ``kfm_report.json`` of a `kfm report`; import: ``kfm_import.json`` of a `kfm import-hf`;
-    release: ``kfm_release.json`` of a `kfm release`.
+    release: ``kfm_release.json`` of a `kfm release`; merge: ``kfm_merge.json`` of a `kfm merge`.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -235,6 +240,9 @@ def output_kind(path: str | Path) -> OutputKind | None:
     marker = _read_json(folder / IMPORT_MARKER)
     if isinstance(marker, dict) and marker.get("format") == IMPORT_FORMAT:
         return "import"
+    marker = _read_json(folder / MERGE_MARKER)
+    if isinstance(marker, dict) and marker.get("format") == MERGE_FORMAT:
+        return "merge"
     return None
 
 
@@ -351,8 +359,10 @@ def check_output_dir(
     # A kfm output of the right kind: still never one that holds a run or checkpoint, or an
     # input (checked above by path), since replacing it deletes everything below it.
     for dirpath, _, _ in os.walk(target):
-        if kind == "import" and Path(dirpath).is_relative_to(target / CHECKPOINTS):
-            continue  # an import's own checkpoint (kfm import-hf) is part of what it replaces
+        if kind in ("import", "merge") and Path(dirpath).is_relative_to(target / CHECKPOINTS):
+            # an import's or merge's own checkpoint (kfm import-hf, kfm merge) is part of what
+            # it replaces
+            continue
         if what := _protected(Path(dirpath)):
             raise OutputError(f"{where} contains {what} ({dirpath}); kfm never deletes it; {fix}")
     if not overwrite:

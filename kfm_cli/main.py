@@ -744,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
         "other folder); the old one is removed once the new one is written",
     )
     p.set_defaults(func=cmd_import_hf)
+    from kfm_cli.merge import add_parser as add_merge_parser  # kfm merge (kfm_cli/merge.py)
+
+    add_merge_parser(sub)
     from kfm_cli.release import add_parser as add_release_parser  # kfm release (release.py)
 
     add_release_parser(sub)

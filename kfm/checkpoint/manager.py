@@ -110,13 +110,16 @@ def _check_json(config: dict[str, Any], step: int) -> None:
         ) from e
 
 
-def model_optimizer_state(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
-    """``{"model": ..., "optim": ...}`` as DCP saves and loads them (sharded tensors stay
-    sharded: each rank holds and writes only its own shards)."""
+def model_optimizer_state(
+    model: nn.Module, optimizer: Optimizer | None, extra_state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``{"model": ..., "optim": ..., **extra_state}`` as DCP saves and loads them (sharded
+    tensors stay sharded: each rank holds and writes only its own shards). ``extra_state``: more
+    top-level entries, e.g. ``{"ema": ...}`` (kfm.train.ema)."""
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    return state
+    return {**state, **(extra_state or {})}
 
 
 # -- saving --------------------------------------------------------------------------------------
@@ -215,13 +218,15 @@ class Checkpointer:
         optimizer: Optimizer | None,
         trainer_state: dict[str, Any],
         manifest_extra: dict[str, Any] | None = None,
+        extra_state: dict[str, Any] | None = None,
     ) -> None:
         """Checkpoint ``step`` (collective: every rank calls it at the same step).
 
         An earlier save still in flight is waited for first. Async: returns once the state is
         staged in host memory; training may then change the weights. ``manifest_extra``: more
         top-level keys of ``manifest.json`` (JSON values; training records the tokenizer hash
-        and the data fingerprint there).
+        and the data fingerprint there). ``extra_state``: more DCP entries beside model and
+        optimizer (`model_optimizer_state`; the weight EMA).
         """
         _check_json(self.config, step)
         self.wait()
@@ -229,7 +234,7 @@ class Checkpointer:
         pending = PendingSave.begin(self.root, step, group=self.group)
         try:
             pending.write_trainer_state(trainer_state)
-            state = model_optimizer_state(model, optimizer)
+            state = model_optimizer_state(model, optimizer, extra_state)
             writer = FileSystemWriter(pending.tmp, sync_files=True)
             extra = {**(manifest_extra or {}), "has_optimizer": optimizer is not None}
             if not self.async_save:
@@ -374,6 +379,7 @@ def load_checkpoint(
     strict_config_keys: tuple[str, ...] = ("model",),
     restore_rng: bool = True,
     verify_hashes: bool = True,
+    extra_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate a checkpoint, load model (and optimizer) in place, return the trainer state.
 
@@ -385,7 +391,8 @@ def load_checkpoint(
     gets its state initialised first (torch takes one step with zero grads and lr 0, which leaves
     the parameters unchanged). This rank's ``trainer_state_rank{r}.pt`` is read with
     ``torch.load(weights_only=False)`` (it unpickles: load only checkpoints you trust), and, with
-    ``restore_rng``, its ``"rng"`` states are restored.
+    ``restore_rng``, its ``"rng"`` states are restored. ``extra_state``: more DCP entries saved
+    with `Checkpointer.save`'s ``extra_state``, loaded in place into its tensors (resharded).
 
     Raises:
         CheckpointError: invalid checkpoint, differing config keys (each one listed), an
@@ -411,9 +418,7 @@ def load_checkpoint(
             "(e.g. for fine-tuning from its weights)"
         )
 
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    state = model_optimizer_state(model, optimizer, extra_state)
     try:
         _dcp_load(state, path, no_dist=not _dist_on())
         set_model_state_dict(model, state["model"])
@@ -433,9 +438,10 @@ def load_checkpoint(
 
 
 def load_model_state(
-    path: str | Path, *, verify_hashes: bool = True
+    path: str | Path, *, verify_hashes: bool = True, entry: str = "model"
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The model's full (unsharded) state dict on CPU, and the manifest's config.
+    ``entry="ema"``: the weight EMA saved beside it (train.ema_decay), with the same keys.
 
     Needs neither the model object nor an optimizer: the tensors are allocated from DCP's
     metadata (global shapes and dtypes), so a checkpoint saved sharded over N ranks loads whole
@@ -449,6 +455,8 @@ def load_model_state(
     path = Path(path)
     manifest = validate_checkpoint(path, verify_hashes=verify_hashes)
     if manifest.get("backend") == "deepspeed":
+        if entry != "model":
+            raise CheckpointError(f"{path} is a DeepSpeed checkpoint: it holds no {entry} state")
         from kfm.checkpoint.deepspeed import load_model_state_from_deepspeed
 
         return load_model_state_from_deepspeed(path, verify_hashes=False)  # just verified
@@ -459,7 +467,7 @@ def load_model_state(
     model_state: dict[str, Any] = {}
     for key, meta in metadata.state_dict_metadata.items():
         key_path = paths.get(key) or tuple(key.split(".", 1))
-        if key_path[0] != "model":
+        if key_path[0] != entry:
             continue
         if isinstance(meta, TensorStorageMetadata):
             value: Any = torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -470,9 +478,10 @@ def load_model_state(
             node = node.setdefault(part, {})
         node[key_path[-1]] = value
     if not model_state:
-        raise CheckpointError(f"{path / DCP_METADATA} holds no model state")
+        what = "weight EMA (train with --train.ema_decay > 0)" if entry == "ema" else entry
+        raise CheckpointError(f"{path / DCP_METADATA} holds no {what} state")
     try:
-        _dcp_load({"model": model_state}, path, no_dist=True)
+        _dcp_load({entry: model_state}, path, no_dist=True)
     except (Exception, dcp.CheckpointException) as e:
         raise CheckpointError(f"reading the model state of {path} failed: {_short_error(e)}") from e
     return model_state, manifest.get("config", {})

@@ -208,7 +208,9 @@ class Evaluator(Callback):
 
     Logged with the step: val_loss, val_bpb, val_tokens, val_bpb/<source>, val_bpb/lang/<code>,
     the hook's bench/<task>/<metric>, ``tokens`` (tokens trained on so far, over all ranks) and
-    the seconds each part took (val_time_s, bench_time_s)."""
+    the seconds each part took (val_time_s, bench_time_s). With train.ema_decay the same
+    validation of the EMA weights too: ema/val_loss, ema/val_bpb, ema/val_bpb/<source>...,
+    ema/val_time_s (a second validation pass; the benchmark hook sees the training weights)."""
 
     cfg: Config
     backend: Backend
@@ -232,11 +234,9 @@ class Evaluator(Callback):
             self._contributes = dp_ranks.index(self.backend.dp_rank) == rank
         return self._contributes
 
-    def _run(self, step: int) -> None:
-        model = self.backend.module
-        t0 = time.perf_counter()
-        metrics: dict[str, Any] = evaluate(
-            model,
+    def _validate(self) -> dict[str, Any]:
+        return evaluate(
+            self.backend.module,
             self.batches,
             token_bytes=self.token_bytes,
             bos_id=self.bos_id,
@@ -247,7 +247,20 @@ class Evaluator(Callback):
             dp_size=self.backend.dp_size,
             contributes=self._contributes_to_sums(),
         )
+
+    def _run(self, step: int) -> None:
+        model = self.backend.module
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = self._validate()
         metrics["val_time_s"] = time.perf_counter() - t0
+        ema = self.backend.ema
+        if ema is not None:
+            # The same batches on the EMA weights, swapped into the live model and back.
+            t0 = time.perf_counter()
+            with ema.applied():
+                averaged = self._validate()
+            metrics |= {f"ema/{k}": v for k, v in averaged.items() if k != "val_tokens"}
+            metrics["ema/val_time_s"] = time.perf_counter() - t0
         if self.benchmark_hook is not None:
             t0 = time.perf_counter()
             was_training = model.training

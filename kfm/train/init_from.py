@@ -149,6 +149,8 @@ def init_from_weights(
         )
     except CheckpointError as e:
         raise ConfigError(f"checkpoint.init_from={arg}: {e}") from e
+    if backend.ema is not None:
+        backend.ema.reset()  # average from the loaded weights, not the random init
     source = manifest.get("imported_from", {}).get("hf_dir")
     origin = f" (imported from {source})" if source else f" (step {manifest.get('step')})"
     return [

@@ -31,6 +31,7 @@ from kfm.train.guard import StepGuard
 
 if TYPE_CHECKING:
     from kfm.data import Batch
+    from kfm.train.ema import EMA
 
 
 class BatchSource(Protocol):
@@ -66,6 +67,8 @@ class Backend(Protocol):
     manifest_extra: dict[str, Any]
     """Top-level keys every checkpoint manifest gets (the trainer sets ``tokenizer_hash`` and
     ``data_fingerprint`` here once the data is open)."""
+    ema: EMA | None
+    """The weight EMA (train.ema_decay > 0; FSDP backend only), else None."""
 
     @property
     def module(self) -> nn.Module: ...

@@ -39,6 +39,7 @@ from kfm.parallel.deepspeed import ds_config, grad_accum_steps
 from kfm.train.backends.base import BatchSource, DeviceTimer, StepOutput
 from kfm.train.backends.fsdp import build_model
 from kfm.train.dist import WorldInfo, mean_over_ranks
+from kfm.train.ema import EMA
 from kfm.train.guard import StepGuard
 from kfm.train.loss import cross_entropy_loss
 from kfm.train.optim import apply_optim_config, build_optimizer, build_scheduler
@@ -106,6 +107,7 @@ class DeepSpeedBackend:
         self.device = self.engine.device
         self.guard = StepGuard(cfg.guard, self.device)
         self.manifest_extra: dict[str, Any] = {}
+        self.ema: EMA | None = None  # train.ema_decay > 0 is refused here (kfm/config/loader.py)
         self._optim_timer = DeviceTimer(self.device)
         self._deepspeed_version = deepspeed.__version__
         self._saved: Path | None = None

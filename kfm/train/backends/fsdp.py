@@ -18,6 +18,7 @@ Checkpoints go through `kfm.checkpoint.Checkpointer` (DCP, asynchronous when
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from kfm.checkpoint import Checkpointer, load_checkpoint
+from kfm.checkpoint import Checkpointer, load_checkpoint, read_manifest
 from kfm.config import Config, to_dict
 from kfm.model.transformer import Transformer
 from kfm.parallel import build_mesh, dp_rank_size, mesh_shape, parallelize
@@ -37,6 +38,7 @@ from kfm.parallel.fsdp import transformer_blocks
 from kfm.parallel.tp import local_loss, loss_parallel_context
 from kfm.train.backends.base import BatchSource, DeviceTimer, StepOutput, accumulation_steps
 from kfm.train.dist import WorldInfo, mean_over_ranks
+from kfm.train.ema import EMA
 from kfm.train.guard import StepGuard
 from kfm.train.loss import cross_entropy_loss
 from kfm.train.optim import (
@@ -45,6 +47,9 @@ from kfm.train.optim import (
     build_scheduler,
     describe_optimizer,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 def build_model(cfg: Config, device: torch.device) -> Transformer:
@@ -83,6 +88,10 @@ class FSDPBackend:
         self.manifest_extra: dict[str, Any] = {}
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._after_update = self._fp8_scale_hook()
+        # After parallelize: the EMA holds fp32 copies of this rank's shards (kfm/train/ema.py).
+        self.ema: EMA | None = None
+        if cfg.train.ema_decay > 0:
+            self.ema = EMA(self.model, cfg.train.ema_decay, after_swap=self._after_update)
         self._optim_timer = DeviceTimer(device)
         self.checkpointer = Checkpointer(
             Path(cfg.train.run_root) / cfg.train.name / "checkpoints",
@@ -166,6 +175,8 @@ class FSDPBackend:
         lr = self.optimizer.param_groups[0]["lr"]
         self._optim_timer.start()
         self._update(bad)
+        if self.ema is not None:
+            self.ema.update(bad)  # local shards only; a skipped update leaves the EMA too
         self._optim_timer.stop()
         self.scheduler.step()
         if self._after_update is not None:
@@ -197,22 +208,46 @@ class FSDPBackend:
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> None:
         state = {**trainer_state, "scheduler": self.scheduler.state_dict()}
+        extra, manifest_extra = None, self.manifest_extra
+        if self.ema is not None:
+            # DCP entries "ema.<fqn>", sharded like the model; the update count per rank.
+            extra = {"ema": self.ema.state_dict()}
+            state["ema_updates"] = self.ema.updates
+            manifest_extra = {**manifest_extra, "has_ema": True}
         self.checkpointer.save(
             step,
             model=self.model,
             optimizer=self.optimizer,
             trainer_state=state,
-            manifest_extra=self.manifest_extra,
+            manifest_extra=manifest_extra,
+            extra_state=extra,
         )
 
     def load(self, path: Path) -> dict[str, Any]:
         """Model, optimizer, schedule and RNG states from ``path`` (already validated, and its
         config compared with this one, by the caller on every rank: `kfm.train.resume`);
         returns the trainer state. The peak lr and AdamW's hyperparameters are this config's
-        (`apply_optim_config`); the step count and moments are the checkpoint's."""
+        (`apply_optim_config`); the step count and moments are the checkpoint's. With
+        train.ema_decay the EMA is the checkpoint's too, or, from a checkpoint saved without
+        one, starts from the loaded weights (a warning says so)."""
+        saved_ema = self.ema is not None and read_manifest(path).get("has_ema", False)
         state = load_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, verify_hashes=False
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            verify_hashes=False,
+            extra_state={"ema": self.ema.state_dict()} if saved_ema and self.ema else None,
         )
+        if self.ema is not None:
+            if saved_ema:
+                self.ema.updates = int(state["ema_updates"])
+            else:
+                self.ema.reset()
+                log.warning(
+                    "%s has no weight EMA (saved without train.ema_decay): the EMA starts from "
+                    "its weights, with the decay warm-up from the start",
+                    path,
+                )
         self.scheduler.load_state_dict(state["scheduler"])
         apply_optim_config(self.optimizer, self.scheduler, self.cfg.optim)
         return state
