@@ -111,8 +111,13 @@ def _dry_run(cfg, *, world_size: int | None) -> int:
     print(dump_yaml(cfg), end="")
     print("---")
     print(f"parameters: {n:,} ({n_body:,} without embeddings)")
+    from kfm.train.ramp import describe_ramp, samples_through
+
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    print(f"tokens per step: {tokens:,}; total tokens: {tokens * cfg.train.steps:,}")
+    total = samples_through(cfg.train.steps, cfg.train) * cfg.data.seq_len
+    print(f"tokens per step: {tokens:,}; total tokens: {total:,}")
+    if ramp := describe_ramp(cfg.train):
+        print(ramp)
     print(f"training FLOPs per token: {flops_per_token(cfg.model, cfg.data.seq_len):.4g}")
     if cfg.parallel.backend == "deepspeed":
         from kfm.parallel.deepspeed import ds_config_yaml

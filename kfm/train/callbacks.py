@@ -34,6 +34,7 @@ from kfm.model.flops import flops_per_token, peak_flops
 from kfm.train.backends.base import Backend, StepOutput
 from kfm.train.dist import gather_to_all, is_distributed
 from kfm.train.loggers import MetricLogger
+from kfm.train.ramp import global_batch_at, ramp_on
 from kfm.train.validation import evaluate
 
 
@@ -108,8 +109,12 @@ class Throughput:
     world_size: int
     peak_flops_per_device: float | None
 
-    def figures(self, steps: int, seconds: float) -> dict[str, float | None]:
-        tokens_global = steps * self.tokens_per_step / seconds
+    def figures(
+        self, steps: int, seconds: float, *, tokens: int | None = None
+    ) -> dict[str, float | None]:
+        """Figures of ``steps`` steps in ``seconds``; ``tokens``: the global tokens they trained
+        on, if not ``steps * tokens_per_step`` (a batch-size ramp)."""
+        tokens_global = (steps * self.tokens_per_step if tokens is None else tokens) / seconds
         per_device = tokens_global / self.world_size
         flops_per_device = per_device * self.flops_per_token
         peak = self.peak_flops_per_device
@@ -137,7 +142,10 @@ def throughput_for(cfg: Config, device: torch.device, world_size: int) -> Throug
 
 class MetricsReporter(Callback):
     """Loss, gradient norm, lr, skipped updates and throughput on log steps (all ranks take part:
-    reading the loss syncs the device; only rank 0 writes)."""
+    reading the loss syncs the device; only rank 0 writes). Throughput counts each step's own
+    batch; with a batch-size ramp (train.batch_ramp_start) the log steps also record
+    ``batch_size`` (sequences in that step's global batch) and ``tokens`` (trained on so far,
+    from ``tokens_seen``)."""
 
     def __init__(
         self,
@@ -146,14 +154,19 @@ class MetricsReporter(Callback):
         throughput: Throughput,
         device: torch.device,
         guard: Any,
+        *,
+        tokens_seen: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.tokens_seen = tokens_seen
         self.logger = logger
         self.throughput = throughput
         self.device = device
         self.guard = guard
         self._t_last = 0.0
         self._step_last = 0
+        self._tokens = 0
+        """Global tokens of the steps since the last log line (each step's own batch)."""
         self.train_s = 0.0
         """Training seconds of this process so far: the sum of every step's ``step_s``."""
 
@@ -162,6 +175,8 @@ class MetricsReporter(Callback):
 
     def on_step_end(self, info: StepInfo) -> None:
         self.train_s += info.step_s
+        batch = global_batch_at(info.step, self.cfg.train)
+        self._tokens += batch * self.cfg.data.seq_len
         if is_log_step(self.cfg, info):
             # .item() syncs the device: only on log steps, which every rank takes together.
             metrics: dict[str, Any] = {
@@ -172,11 +187,18 @@ class MetricsReporter(Callback):
                 "skipped_total": int(self.guard.skipped.item()),
             }
             seconds = time.perf_counter() - self._t_last
-            metrics |= self.throughput.figures(info.step - self._step_last, seconds)
+            metrics |= self.throughput.figures(
+                info.step - self._step_last, seconds, tokens=self._tokens
+            )
+            if ramp_on(self.cfg.train):
+                metrics["batch_size"] = batch
+                if self.tokens_seen is not None:
+                    metrics["tokens"] = self.tokens_seen()
             metrics["peak_memory_gb"] = peak_memory_gb(self.device)
             metrics["train_s"] = self.train_s
             self.logger.log(info.step, metrics)
             self._t_last, self._step_last = time.perf_counter(), info.step
+            self._tokens = 0
         elif info.out.skipped.device.type == "cpu" and info.out.skipped.item():
             # On CPU reading the flag costs nothing: say so on the step it happens.
             self.logger.warning(f"step {info.step}: update skipped (non-finite or spiking loss)")

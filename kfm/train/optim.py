@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from kfm.config import OptimConfig, ScheduleConfig
+from kfm.config import OptimConfig, ScheduleConfig, TrainConfig
 from kfm.train.muon import MUON_GROUP, MuonAdamW, count_params
+from kfm.train.ramp import ramp_lr_factor, ramp_on
 
 EMBEDDING_SUFFIX = "tok_embeddings.weight"
 """Parameters whose name ends with this are embeddings: never weight-decayed."""
@@ -201,15 +202,25 @@ def lr_at(step: int, *, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -
     return peak_lr + (min_lr - peak_lr) * progress
 
 
-def _lr_multiplier(step: int, *, total_steps: int, cfg: ScheduleConfig) -> float:
-    # lr_at is linear in peak_lr, so the multiplier is the schedule at peak 1.
-    return lr_at(step, total_steps=total_steps, peak_lr=1.0, cfg=cfg)
+def _lr_multiplier(
+    step: int, *, total_steps: int, cfg: ScheduleConfig, ramp: TrainConfig | None = None
+) -> float:
+    # lr_at is linear in peak_lr, so the multiplier is the schedule at peak 1. The update after
+    # ``step`` steps taken is loop step step + 1, whose batch the ramp factor follows.
+    factor = ramp_lr_factor(step + 1, ramp) if ramp is not None else 1.0
+    return lr_at(step, total_steps=total_steps, peak_lr=1.0, cfg=cfg) * factor
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, *, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    cfg: ScheduleConfig,
+    *,
+    total_steps: int,
+    ramp: TrainConfig | None = None,
 ) -> LambdaLR:
-    """Wrap ``optimizer`` in a LambdaLR whose multiplier is ``lr_at(step) / peak``.
+    """Wrap ``optimizer`` in a LambdaLR whose multiplier is ``lr_at(step) / peak``, times
+    `kfm.train.ramp.ramp_lr_factor` of the step's batch when ``ramp`` (the train config) ramps
+    the batch size.
 
     Every param group's ``lr`` at construction is its peak. Call ``scheduler.step()`` once after
     each ``optimizer.step()``; ``last_epoch`` then equals the number of optimizer steps taken.
@@ -221,7 +232,12 @@ def build_scheduler(
         ValueError: ``total_steps < 1`` or an unknown ``schedule.name`` (checked eagerly).
     """
     lr_at(0, total_steps=total_steps, peak_lr=1.0, cfg=cfg)  # fail here, not at the first step
-    multiplier = functools.partial(_lr_multiplier, total_steps=total_steps, cfg=cfg)
+    multiplier = functools.partial(
+        _lr_multiplier,
+        total_steps=total_steps,
+        cfg=cfg,
+        ramp=ramp if ramp is not None and ramp_on(ramp) else None,
+    )
     return LambdaLR(optimizer, lr_lambda=multiplier)
 
 

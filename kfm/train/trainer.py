@@ -310,7 +310,14 @@ def build_components(
     run_dir = Path(cfg.train.run_root) / cfg.train.name
     guard = backend.guard
     components: list[Callback] = [
-        MetricsReporter(cfg, logger, throughput_for(cfg, device, world.world_size), device, guard),
+        MetricsReporter(
+            cfg,
+            logger,
+            throughput_for(cfg, device, world.world_size),
+            device,
+            guard,
+            tokens_seen=lambda: loader.samples_consumed * cfg.data.seq_len,
+        ),
         StragglerReport(cfg, logger, world),
         evaluator,
         Checkpointing(cfg, backend, loader, logger),

@@ -3,7 +3,8 @@
 A backend owns the model, the optimizer, the schedule, the data-parallel layout and the
 checkpoint files; the loop (kfm/train/trainer.py) only calls it:
 
-    backend.step(batches) -> StepOutput      one optimizer step: accumulation, clip, guard, update
+    backend.step(batches, step=) -> StepOutput  optimizer step ``step``: accumulation (of that
+                                             step's batch: kfm/train/ramp.py), clip, guard, update
     backend.save(step, trainer_state)        checkpoint (may return before the files are written),
                                              with ``backend.manifest_extra`` in its manifest
     backend.load(path) -> trainer_state      resume (model, optimizer, schedule, RNG)
@@ -76,7 +77,7 @@ class Backend(Protocol):
     @property
     def autocast_dtype(self) -> torch.dtype | None: ...
 
-    def step(self, batches: BatchSource) -> StepOutput: ...
+    def step(self, batches: BatchSource, *, step: int | None = None) -> StepOutput: ...
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> None: ...
 

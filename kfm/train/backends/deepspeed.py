@@ -127,8 +127,9 @@ class DeepSpeedBackend:
             f"{self.accum} micro-batches of {self.cfg.train.micro_batch_size} per rank per step"
         )
 
-    def step(self, batches: BatchSource) -> StepOutput:
-        """One optimizer step: ``accum`` micro-batches of forward/backward, then clip and update.
+    def step(self, batches: BatchSource, *, step: int | None = None) -> StepOutput:
+        """One optimizer step: ``accum`` micro-batches of forward/backward, then clip and update
+        (``step`` is unused: a batch-size ramp is refused under DeepSpeed at config load).
 
         ``engine.backward`` divides the loss by gradient_accumulation_steps and ``engine.step``
         updates only on the accumulation boundary (every ``accum``-th call).

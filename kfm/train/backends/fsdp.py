@@ -47,7 +47,7 @@ from kfm.train.optim import (
     build_scheduler,
     describe_optimizer,
 )
-
+from kfm.train.ramp import accumulation_at, check_ramp, describe_ramp
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,16 @@ class FSDPBackend:
         self.accum = accumulation_steps(
             cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dp_size
         )
+        check_ramp(cfg.train, self.dp_size)
         model = build_model(cfg, device)
         # Before the optimizer: it must hold the parameters as parallelize leaves them (DTensors).
         self.model: nn.Module = parallelize(model, cfg, self.mesh)
         self.fsdp = isinstance(self.model, FSDPModule)
         self.world_size = world.world_size
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, total_steps=cfg.train.steps)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.schedule, total_steps=cfg.train.steps, ramp=cfg.train
+        )
         self.guard = StepGuard(cfg.guard, device)
         self.manifest_extra: dict[str, Any] = {}
         self._fused = bool(self.optimizer.defaults.get("fused"))
@@ -114,7 +117,9 @@ class FSDPBackend:
         return torch.bfloat16 if self.cfg.train.dtype == "bf16" and not self.fsdp else None
 
     def describe(self) -> str:
-        return f"{self._describe_layout()}\n{describe_optimizer(self.optimizer)}"
+        ramp = describe_ramp(self.cfg.train)
+        text = f"{self._describe_layout()}\n{describe_optimizer(self.optimizer)}"
+        return text + (f"\n{ramp}" if ramp else "")
 
     def _describe_layout(self) -> str:
         if self.mesh is None:
@@ -139,8 +144,14 @@ class FSDPBackend:
 
     # -- one optimizer step -----------------------------------------------------------------
 
-    def step(self, batches: BatchSource) -> StepOutput:
+    def step(self, batches: BatchSource, *, step: int | None = None) -> StepOutput:
+        """Optimizer step ``step`` (1-based; None: the one after the scheduler's count). Its
+        accumulation is `kfm.train.ramp.accumulation_at`: ``self.accum`` unless the batch
+        ramps up."""
         cfg, device = self.cfg, self.device
+        if step is None:
+            step = self.scheduler.last_epoch + 1  # the scheduler counts the steps taken
+        accum = accumulation_at(step, cfg.train, self.dp_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss_parallel = cfg.parallel.loss_parallel and cfg.parallel.tp != 1
         autocast = (
@@ -150,10 +161,10 @@ class FSDPBackend:
         )
         sync_last_only = self.fsdp and cfg.parallel.grad_sync == "last"
         loss_sum = torch.zeros((), device=device)
-        for i in range(self.accum):
+        for i in range(accum):
             if sync_last_only:
                 assert isinstance(self.model, FSDPModule)
-                self.model.set_requires_gradient_sync(i == self.accum - 1)
+                self.model.set_requires_gradient_sync(i == accum - 1)
             batch = batches.next_batch()
             with autocast:
                 logits = self.model(batch.tokens.to(device), batch.doc_ids.to(device))
@@ -162,7 +173,7 @@ class FSDPBackend:
             with loss_parallel_context(loss_parallel):
                 ce, z = cross_entropy_loss(logits, batch.labels.to(device), z_loss=cfg.optim.z_loss)
                 loss = ce if z is None else ce + z
-                (loss / self.accum).backward()
+                (loss / accum).backward()
             loss_sum += local_loss(ce.detach())
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         # Works on DTensor (FSDP2/TP) params too: the per-shard norms are combined across ranks.
@@ -170,7 +181,7 @@ class FSDPBackend:
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         # The guard needs the same loss on every rank: one scalar all-reduce, no host sync.
-        loss = mean_over_ranks(loss_sum / self.accum)
+        loss = mean_over_ranks(loss_sum / accum)
         bad = self.guard.check(loss, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self._optim_timer.start()
