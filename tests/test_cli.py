@@ -52,6 +52,7 @@ SURFACE = {
     ],
     "report": ["--labels", "--out", "run_dirs"],
     "import-hf": ["--overwrite", "hf_dir", "out_dir"],
+    "merge": ["--ema", "--last", "--out", "--overwrite", "--steps", "run_dir"],
     "release": [
         "--dtype",
         "--license",
@@ -128,6 +129,7 @@ def test_cli_surface_is_frozen():
         ["eval"],
         ["export"],
         ["import-hf"],
+        ["merge"],
         ["release"],
         ["data"],
         ["data", "pii-report"],
