@@ -53,6 +53,9 @@ _CONSOLE: dict[str, Callable[[Any], str | None]] = {
     "val_loss": lambda v: f"val_loss {v:.4f}",
     "val_bpb": lambda v: f"val_bpb {v:.4f}",
     "val_tokens": lambda v: f"val_tokens {v:,}",
+    # The weight EMA (train.ema_decay): its val_bpb only; metrics.jsonl keeps the breakdown.
+    "ema/val_bpb": lambda v: f"ema val_bpb {v:.4f}",
+    "ema/val_loss": lambda v: None,
     "grad_norm": lambda v: f"grad_norm {v:.3f}" if v >= 1e-3 else f"grad_norm {v:.2e}",
     "lr": lambda v: f"lr {v:.2e}",
     "skipped": lambda v: "update SKIPPED" if v else None,
@@ -67,6 +70,7 @@ _CONSOLE: dict[str, Callable[[Any], str | None]] = {
 _CONSOLE_LAST: dict[str, Callable[[Any], str | None]] = {
     "val_time_s": lambda v: f"val took {_seconds(v)}",
     "bench_time_s": lambda v: f"bench took {_seconds(v)}",
+    "ema/val_time_s": lambda v: f"ema val took {_seconds(v)}",
 }
 
 
@@ -77,6 +81,8 @@ def _grouped(shown: dict[str, Any]) -> list[str]:
     the stderrs and item counts n, which metrics.jsonl keeps)."""
     langs = {k: shown.pop(k) for k in [k for k in shown if k.startswith("val_bpb/lang/")]}
     per_source = {k: shown.pop(k) for k in [k for k in shown if k.startswith("val_bpb/")]}
+    for k in [k for k in shown if k.startswith("ema/val_bpb/")]:
+        del shown[k]  # the EMA's per-source/language figures: metrics.jsonl only
     bench: dict[str, list[str]] = {}
     for k in [k for k in shown if k.startswith("bench/")]:
         task, _, metric = k.removeprefix("bench/").rpartition("/")

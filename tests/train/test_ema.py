@@ -30,6 +30,7 @@ EMA_ARGS = (
     "--checkpoint.keep_last=0",
     "--eval.interval=3",
     f"--train.ema_decay={DECAY}",
+    "--logging.tensorboard=true",
 )
 WEIGHT_ATOL = 1e-5
 LOSS_RTOL = 1e-5
@@ -70,6 +71,12 @@ def test_saved_ema_equals_ema_of_the_per_step_weights(tiny_sources, tmp_path_fac
         assert {"ema/val_bpb", "ema/val_loss", "ema/val_bpb/medquad", "ema/val_time_s"} <= r.keys()
     assert evals[0]["ema/val_bpb"] == evals[0]["val_bpb"]  # step 0: the EMA is the init
     assert evals[-1]["ema/val_bpb"] != evals[-1]["val_bpb"]
+    assert f"ema val_bpb {evals[-1]['ema/val_bpb']:.4f}" in run.stdout  # the console line
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run.run_dir / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("ema/val_bpb")] == [0, 3, 6]
 
 
 def test_resume_restores_the_ema_bitwise(tiny_sources, tmp_path_factory):
