@@ -139,9 +139,9 @@ def test_config_errors_name_the_keys_and_the_fix(overrides, message):
         load_config(REPO / "configs" / "tiny.yaml", overrides)
 
 
-def test_the_fsdp_backend_checks_the_data_parallel_multiple(tiny_sources, tmp_path):
-    """micro 4 x 2 data-parallel ranks: a start of 4 cannot be split (the loader's config check
-    cannot know the world size; the backend does)."""
+def test_the_data_parallel_multiple_is_checked_once_the_world_is_known(tiny_sources, tmp_path):
+    """micro 4 x 2 data-parallel ranks: a start of 4 cannot be split. Config loading cannot know
+    the world size; FSDPBackend calls check_ramp with its data-parallel size."""
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
         [
@@ -178,6 +178,17 @@ def test_lr_is_the_schedule_times_the_batch_factor(rule):
         opt.step()
         sched.step()
     assert ramp_lr_factor(7, cfg.train) == 1.0  # the full batch from step 7
+
+
+def test_dry_run_prints_the_ramp_and_its_total_tokens(capsys, tiny_sources, tmp_path):
+    from kfm_cli import main
+
+    args = [*tiny_overrides(tiny_sources, tmp_path, "dry"), *RAMP]
+    assert main(["train", str(REPO / "configs" / "tiny.yaml"), "--dry-run", *args]) == 0
+    out = capsys.readouterr().out
+    # 4+4+8+8+12+12 sequences over the ramp, then 4 steps of 16
+    assert f"tokens per step: {16 * SEQ_LEN:,}; total tokens: {(48 + 4 * 16) * SEQ_LEN:,}" in out
+    assert "batch ramp: 4 -> 16 sequences over the first 6 steps, in steps of 4; " in out
 
 
 # -- one backend step --------------------------------------------------------------------------
