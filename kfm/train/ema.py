@@ -118,7 +118,8 @@ class EMA:
         self.updates += 1
         weight = 1.0 - ema_decay_at(self.updates, self.decay)
         device = self._local_shadow[0].device
-        w = torch.tensor(weight, dtype=torch.float32, device=device)
+        # torch.full is a fill kernel: no host-to-device copy (torch.tensor would sync on CUDA).
+        w = torch.full((), weight, dtype=torch.float32, device=device)
         if skipped is not None:
             w = w * (1.0 - skipped.to(device=device, dtype=torch.float32))
         # ema += w * (param - ema), on the local shards only
