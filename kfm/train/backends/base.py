@@ -62,7 +62,8 @@ class Backend(Protocol):
     dp_rank: int
     dp_size: int
     accum: int
-    """Micro-batches per rank per optimizer step."""
+    """Micro-batches per rank per optimizer step at the full global batch (the steps of a
+    batch-size ramp run fewer: `kfm.train.ramp.accumulation_at`)."""
     guard: StepGuard
     """The bad-step guard whose counters the loop's components read."""
     manifest_extra: dict[str, Any]
