@@ -18,14 +18,13 @@ per-parameter tensors (``momentum_buffer`` and ``step`` for Muon, ``exp_avg``/``
 ``step`` for AdamW).
 
 Sharded matrices (FSDP2 ``Shard(0)``, HSDP ``(Replicate, Shard(0))``, FSDP2 x TP with ``Shard(0)``
-or ``Shard(1)`` on the tp dimension): the momentum stays a DTensor sharded like the parameter;
-the Nesterov update is all-gathered (``full_tensor()``), orthogonalised on every rank, and each
-rank keeps its own slice (``distribute_tensor(..., src_data_rank=None)`` slices locally, no
-communication). Cost per step: one all-gather of every Muon matrix (the volume of one ZeRO-3
-parameter all-gather, in the gradient's dtype) and the Newton-Schulz FLOPs of every matrix on
-every rank of its shard group (about ``ns_steps * (4 m^2 n + 2 m^3)`` for an m x n matrix,
-m <= n). Liu et al. spread the Newton-Schulz work (each matrix orthogonalised by one rank, the
-result scattered); kfm does not yet (docs/training.md, "Muon").
+or ``Shard(1)`` on the tp dimension): the momentum stays a DTensor sharded like the parameter.
+The Nesterov update is all-gathered (``full_tensor()``) over the ranks holding different shards;
+one of them (round-robin over the matrices) runs Newton-Schulz, the others contribute zeros, and
+a bf16 reduce-scatter gives each rank its slice. Cost per step: one all-gather of every Muon
+matrix (the volume of one ZeRO-3 parameter all-gather) plus one bf16 reduce-scatter, and the
+Newton-Schulz FLOPs (``ns_steps * (4 m^2 n + 2 m^3)`` for an m x n matrix, m <= n) divided over
+the shard ranks; replicas repeat the work (docs/training.md, "Muon").
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 MUON_GROUP = "muon"
 """Value of ``group["name"]`` of the param group Muon updates; every other group is AdamW's."""
@@ -141,7 +140,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict[str, Any], muon: Any) -> None:
         lr, wd = group["lr"], group["weight_decay"]
-        for p in group["params"]:
+        for index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             grad = p.grad
@@ -161,22 +160,41 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(grad, 1 - mu)  # sharded like the parameter: elementwise, no communication
             update = grad.lerp(buf, mu) if group["nesterov"] else buf
-            ortho = _orthogonalise(update, group, muon)
+            ortho = _orthogonalise(update, group, muon, index)
             p.mul_(1 - lr * wd)  # decoupled weight decay, as torch.optim.Muon
             # p.shape is the global shape of a DTensor: the scale of the whole matrix.
             p.add_(ortho, alpha=-muon._adjust_lr(lr, ADJUST_LR, p.shape))
             state["step"] += 1
 
 
-def _orthogonalise(update: Tensor, group: dict[str, Any], muon: Any) -> Tensor:
-    """Newton-Schulz of the whole matrix; for a DTensor, this rank's slice of the result."""
+def _orthogonalise(update: Tensor, group: dict[str, Any], muon: Any, index: int) -> Tensor:
+    """Newton-Schulz of the whole matrix; for a DTensor, this rank's slice of the result.
+
+    The ranks holding different shards of a matrix split the work: matrix ``index`` is
+    orthogonalised by one of them (round-robin over the group's matrices), the others contribute
+    zeros, and a reduce-scatter of the bf16 result gives every rank its slice. Replicated mesh
+    dimensions (HSDP's replicas) repeat the same work, so no collective crosses them.
+    """
     coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
     if not isinstance(update, DTensor):
         return muon._zeropower_via_newtonschulz(update, coefficients, steps, eps)
-    full = update.full_tensor()  # all-gather over the shard (and tp) dimensions of the mesh
-    ortho = muon._zeropower_via_newtonschulz(full, coefficients, steps, eps)
-    # Replicated -> the parameter's placements: each rank slices its own part, no collective.
-    return distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+    mesh, placements = update.device_mesh, update.placements
+    full = update.full_tensor()  # all-gather over the sharded dimensions of the mesh
+    coordinate = mesh.get_coordinate()
+    assert coordinate is not None  # every rank of the mesh calls this
+    owners, me = 1, 0  # ranks holding different shards; this rank's index among them
+    for dim, placement in enumerate(placements):
+        if placement.is_shard():
+            owners *= mesh.size(dim)
+            me = me * mesh.size(dim) + coordinate[dim]
+    if index % owners == me:
+        ortho = muon._zeropower_via_newtonschulz(full, coefficients, steps, eps)
+    else:
+        ortho = torch.zeros(full.shape, dtype=torch.bfloat16, device=full.device)
+    # Partial (a sum of one owner's result and zeros: exact) -> the parameter's shards.
+    source = [Partial() if p.is_shard() else Replicate() for p in placements]
+    summed = DTensor.from_local(ortho, mesh, source, run_check=False)
+    return summed.redistribute(mesh, placements)
 
 
 def count_params(params: Iterable[Tensor]) -> int:
