@@ -10,22 +10,28 @@ fp32 on the same CPU threads:
   weight decay 0.1, warm-up, gradient clipping 1.0. It trains ``--baseline-steps`` steps; its final
   validation bits per byte is the **target**.
 - **kfm**: ``kfm train`` on configs/quickstart.yaml's recipe (the recommended one; see
-  docs/training.md) for ``--kfm-steps`` steps, a checkpoint every ``--every`` steps.
-- **ablations**: the kfm recipe with one technique switched back to the baseline's choice
-  (``ABLATIONS``), each for ``--ablation-steps`` steps.
+  docs/training.md, "Recommended recipe") for ``--kfm-steps`` steps, a checkpoint every
+  ``--every`` steps.
+- **ablations**: the recipe with one technique switched back to the baseline's choice
+  (``ABLATIONS``; Muon and the lr get twice the steps), and **additions**: the recipe plus one
+  technique it leaves out (``ADDITIONS``).
+- **control**: kfm with the baseline's settings (AdamW, its lr, betas and warm-up, cosine to 0,
+  tied head, no QK-norm, plain causal attention) for ``--baseline-steps``: its time to target
+  should be about 1x, which checks that both sides see the same data at the same speed.
 
 Every side is scored by the same code: the model is written as a Hugging Face folder (the
 baseline by ``Trainer.save_model``, kfm's checkpoints by ``kfm export``), loaded with
 ``transformers.AutoModelForCausalLM`` and run over kfm's validation windows by
-``kfm.train.validation.evaluate`` (plain causal attention over each window for both). A run's time
-to target is its training seconds (kfm: ``train_s`` in metrics.jsonl; baseline: the sum of
-``Trainer``'s step times; evaluation, checkpoints and export excluded) at its first scored
-checkpoint whose bits per byte is at or below the target; the speed-up is the baseline's training
-seconds over that. A run that never reaches the target within its steps has no ratio, only its
-final bits per byte.
+``kfm.train.validation.evaluate`` (plain causal attention over each window for both). A kfm run's
+time to target is its training seconds (``train_s`` in metrics.jsonl: evaluation, checkpoints
+and export excluded) at its first checkpoint at or below the target, found by scoring the last
+checkpoint and bisecting (bits per byte falls with the steps; the checkpoint before the one found
+is scored too, and is above the target); the baseline's is the sum of ``Trainer``'s step times.
+The speed-up is the baseline's seconds over that. A run that does not reach the target within
+its steps has no ratio, only an upper bound (the baseline's seconds over its whole run).
 
     python benchmarks/time_to_target.py                 # ~25-30 min on 2 idle cores
-    python benchmarks/time_to_target.py --ablations ""  # baseline and recipe only (~10 min)
+    python benchmarks/time_to_target.py --ablations "" --additions "" --no-control  # ~8 min
 
 Writes benchmarks/results/time_to_target.json (``--out``). Run it on an idle machine: the
 ratios are ratios of seconds, and other processes on the cores change them.
@@ -48,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,7 +70,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "time_to_target.json"
 PRESET = REPO / "configs" / "quickstart.yaml"
 DATA_CONFIG = REPO / "configs" / "data" / "quickstart.yaml"
 
-BASELINE = {
+BASELINE: dict[str, Any] = {
     # The Hugging Face course, chapter 7 "Training a causal language model from scratch":
     # TrainingArguments(learning_rate=5e-4, lr_scheduler_type="cosine", weight_decay=0.1,
     # warmup_steps=...); AdamW with transformers' default betas (0.9, 0.999) and clipping 1.0.
@@ -74,40 +81,90 @@ BASELINE = {
     "max_grad_norm": 1.0,
 }
 
-# Each technique of the recipe and the overrides that switch it back to the baseline's choice.
-ABLATIONS: dict[str, list[str]] = {
-    "muon": ["--optim.name=adamw"],
-    "wsd": ["--schedule.name=cosine", "--schedule.min_lr_ratio=0.0"],
-    "batch_ramp": ["--train.batch_ramp_start=0"],
-    "zero_init": ["--model.zero_init_output=false"],
-    "qk_norm": ["--model.qk_norm=false"],
-    "untied_head": ["--model.tie_embeddings=true"],
-    "z_loss": ["--optim.z_loss=0.0"],
-    "document_masking": ["--model.document_masking=false"],
+# Each technique of the recipe (configs/quickstart.yaml) and the overrides that switch it back
+# to the baseline's choice; the number is the ablation's step budget in units of --kfm-steps (the
+# ones that slow training most get more, so that they can still reach the target).
+ABLATIONS: dict[str, tuple[list[str], int]] = {
+    "muon": (["--optim.name=adamw"], 2),
+    "lr": ([f"--optim.lr={BASELINE['learning_rate']}"], 2),
+    "wsd": (["--schedule.name=cosine", "--schedule.min_lr_ratio=0.0"], 1),
+    "zero_init": (["--model.zero_init_output=false", "--model.zero_init_head=false"], 1),
+    "qk_norm": (["--model.qk_norm=false"], 1),
+    "untied_head": (["--model.tie_embeddings=true", "--model.zero_init_head=false"], 1),
+    "document_masking": (["--model.document_masking=false"], 1),
 }
+
+# Techniques kfm has that the recipe leaves out, measured the same way (recipe + the technique).
+ADDITIONS: dict[str, list[str]] = {
+    # A ramp must start at a multiple of the micro-batch: 4 sequences, to the full 16 by step 31.
+    "batch_ramp": [
+        "--train.micro_batch_size=4",
+        "--train.batch_ramp_start=4",
+        "--train.batch_ramp_steps=30",
+    ],
+    "z_loss": ["--optim.z_loss=1e-4"],
+}
+
+
+def control_overrides(steps: int) -> list[str]:
+    """kfm with the baseline's settings: its optimizer, lr, schedule and plain architecture. Its
+    time to target against the Trainer's checks the comparison itself (same data, same speed)."""
+    return [
+        "--optim.name=adamw",
+        f"--optim.lr={BASELINE['learning_rate']}",
+        "--optim.betas=[0.9,0.999]",
+        f"--optim.weight_decay={BASELINE['weight_decay']}",
+        f"--optim.grad_clip={BASELINE['max_grad_norm']}",
+        "--optim.z_loss=0.0",
+        "--schedule.name=cosine",
+        "--schedule.min_lr_ratio=0.0",
+        f"--schedule.warmup_steps={max(1, round(steps * BASELINE['warmup_fraction']))}",
+        "--train.batch_ramp_start=0",
+        "--train.batch_ramp_steps=0",
+        "--train.ema_decay=0.0",
+        "--model.zero_init_output=false",
+        "--model.zero_init_head=false",
+        "--model.qk_norm=false",
+        "--model.tie_embeddings=true",
+        "--model.document_masking=false",
+        "--model.logit_softcap=0.0",
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--baseline-steps", type=int, default=600, help="Trainer steps (sets the target)"
+        "--baseline-steps", type=int, default=400, help="Trainer steps (sets the target)"
     )
-    p.add_argument("--kfm-steps", type=int, default=300, help="steps of the kfm recipe run")
-    p.add_argument(
-        "--ablation-steps", type=int, default=0, help="steps of each ablation (0: --kfm-steps)"
-    )
-    p.add_argument("--every", type=int, default=25, help="kfm checkpoint (and score) interval")
+    p.add_argument("--kfm-steps", type=int, default=100, help="steps of the kfm recipe run")
+    p.add_argument("--every", type=int, default=10, help="kfm checkpoint (and score) interval")
     p.add_argument(
         "--score-from",
         type=float,
-        default=0.4,
-        help="score kfm checkpoints from this fraction of the run on (earlier ones are far above "
-        "the target)",
+        default=0.2,
+        help="candidate checkpoints start at this fraction of a kfm run",
     )
     p.add_argument(
         "--ablations",
         default=",".join(ABLATIONS),
         help=f"comma-separated techniques to switch off in turn, of: {', '.join(ABLATIONS)}",
+    )
+    p.add_argument(
+        "--additions",
+        default=",".join(ADDITIONS),
+        help=f"comma-separated techniques to add to the recipe in turn, of: {', '.join(ADDITIONS)}",
+    )
+    p.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip the control run (kfm with the baseline's settings, --baseline-steps steps)",
+    )
+    p.add_argument(
+        "--preset",
+        type=Path,
+        default=PRESET,
+        help="kfm's recipe: the preset whose model, optim, schedule and train settings kfm runs",
     )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both sides")
     p.add_argument(
@@ -150,6 +207,21 @@ class Curve:
             if bpb <= target:
                 return step, seconds
         return None
+
+
+def recipe_config(preset: Path, data_yaml: Path, out: Path) -> Path:
+    """``preset`` (the recipe: model, optim, schedule, train) with ``data_yaml``'s data sources
+    and tokenizer, written to ``out``: the recipe measured is always the preset's current one,
+    even when the curated data was written from an older version of it."""
+    from kfm.config.loader import deep_merge, read_yaml
+
+    data = read_yaml(data_yaml)
+    merged = deep_merge(
+        read_yaml(preset),
+        {"data": {"sources": data["data"]["sources"]}, "tokenizer": data["tokenizer"]},
+    )
+    out.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return out
 
 
 def ensure_data(train_yaml: Path) -> Path:
@@ -254,17 +326,17 @@ def run_baseline(train_yaml: Path, steps: int, out_dir: Path, threads: int) -> t
         shape, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id
     )
     torch.manual_seed(cfg.train.seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]
     batch = cfg.train.global_batch_size
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
             self.train_s, self._t0 = 0.0, 0.0
 
-        def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        def on_step_begin(self, args, state, control, **kwargs):
             self._t0 = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        def on_step_end(self, args, state, control, **kwargs):
             self.train_s += time.perf_counter() - self._t0
 
     clock = Clock()
@@ -303,8 +375,11 @@ def run_kfm(
     work: Path,
     threads: int,
     score: Scorer,
+    target: float,
 ) -> Curve:
-    """Train the kfm recipe with ``overrides``; score its checkpoints from ``score_from`` on."""
+    """Train the kfm recipe with ``overrides`` and score its checkpoints (every ``every`` steps
+    from ``score_from`` of the run on): the last one, and if it is at or below ``target``, a
+    bisection for the first that is."""
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [
@@ -338,13 +413,30 @@ def run_kfm(
     }
     curve = Curve(name, steps, overrides=overrides)
     first = max(every, math.ceil(steps * score_from / every) * every)
-    for step in range(first, steps + 1, every):
+    candidates = list(range(first, steps + 1, every))
+    scored: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        step = candidates[i]
         ckpt = run_dir / "checkpoints" / f"step_{step:06d}"
         folder = work / "exports" / name / ckpt.name
         export(ckpt, folder)
-        bpb = score(folder)
-        curve.points.append((step, train_s[step], bpb))
-        print(f"   step {step}: {train_s[step]:.1f} s, val bpb {bpb:.4f}", flush=True)
+        scored[step] = score(folder)
+        print(f"   step {step}: {train_s[step]:.1f} s, val bpb {scored[step]:.4f}", flush=True)
+        return scored[step]
+
+    # The last checkpoint, then a bisection for the first one at or below the target: bits per
+    # byte falls with the steps, so the checkpoint found is the first at or below it and the
+    # one before it (also scored) is above it.
+    lo, hi = 0, len(candidates) - 1
+    if at(hi) <= target:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(mid) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+    curve.points = [(step, train_s[step], scored[step]) for step in sorted(scored)]
     return curve
 
 
@@ -396,13 +488,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_start = os.getloadavg()[0]
     started = time.perf_counter()
-    unknown = [a for a in filter(None, args.ablations.split(",")) if a not in ABLATIONS]
-    if unknown:
-        raise SystemExit(f"--ablations: unknown {unknown}; choose from {', '.join(ABLATIONS)}")
-    train_yaml = ensure_data(args.data)
-    # The recipe = configs/quickstart.yaml's optimisation and architecture settings, on the data
-    # of train.yaml (which `kfm data run` wrote from the same preset).
+    ablations = [a for a in args.ablations.split(",") if a]
+    additions = [a for a in args.additions.split(",") if a]
+    for flag, given, known in (
+        ("--ablations", ablations, ABLATIONS),
+        ("--additions", additions, ADDITIONS),
+    ):
+        if unknown := [a for a in given if a not in known]:
+            raise SystemExit(f"{flag}: unknown {unknown}; choose from {', '.join(known)}")
     args.work.mkdir(parents=True, exist_ok=True)
+    train_yaml = recipe_config(args.preset, ensure_data(args.data), args.work / "train.yaml")
     score = Scorer(train_yaml)
 
     print(f"== baseline: transformers Trainer, {args.baseline_steps} steps", flush=True)
@@ -418,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         work=args.work,
         threads=args.threads,
         score=score,
+        target=target,
     )
     rows = [
         ratio(
@@ -426,18 +522,37 @@ def main(argv: list[str] | None = None) -> int:
             target,
         )
     ]
-    for technique in filter(None, args.ablations.split(",")):
+    for technique in ablations:
+        overrides, budget = ABLATIONS[technique]
         curve = run_kfm(
             f"no_{technique}",
             train_yaml,
-            [*args.kfm_overrides, *ABLATIONS[technique]],
-            steps=args.ablation_steps or args.kfm_steps,
+            [*args.kfm_overrides, *overrides],
+            steps=budget * args.kfm_steps,
+            **common,
+        )
+        rows.append(ratio(baseline_s, curve, target))
+    for technique in additions:
+        curve = run_kfm(
+            f"plus_{technique}",
+            train_yaml,
+            [*args.kfm_overrides, *ADDITIONS[technique]],
+            steps=args.kfm_steps,
+            **common,
+        )
+        rows.append(ratio(baseline_s, curve, target))
+    if args.control:
+        curve = run_kfm(
+            "control",
+            train_yaml,
+            [*args.kfm_overrides, *control_overrides(args.baseline_steps)],
+            steps=args.baseline_steps,
             **common,
         )
         rows.append(ratio(baseline_s, curve, target))
     text = table(rows, target, baseline_s)
     print(text)
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "time_to_target",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "baseline": {

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.time_to_target import Curve, Scorer, Windows, main, table
+from benchmarks.time_to_target import Curve, Scorer, Windows, export, main, table
 from kfm.config import load_config
 from kfm.data import PackedLoader
 from tests.conftest import REPO, TOKENIZER
@@ -63,30 +63,59 @@ def test_time_to_target_is_the_first_point_at_or_below() -> None:
 
 @pytest.mark.slow
 def test_benchmark_end_to_end_on_tiny_runs(tiny_sources, tmp_path) -> None:
-    train_yaml = write_train_yaml(tiny_sources, tmp_path / "train.yaml", optim={"name": "muon"})
+    # The recipe comes from the preset, the data from the curated train.yaml.
+    preset = tmp_path / "recipe.yaml"
+    preset_data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    preset_data["optim"]["name"] = "muon"
+    preset.write_text(yaml.safe_dump(preset_data))
+    data_yaml = write_train_yaml(tiny_sources, tmp_path / "data.yaml")
     out, work = tmp_path / "result.json", tmp_path / "work"
     args = ["--baseline-steps=6", "--kfm-steps=6", "--every=2", "--score-from=0"]
-    assert main([*args, "--ablations=muon", f"--data={train_yaml}", f"--work={work}",
-                 f"--out={out}", "--threads=1"]) == 0  # fmt: skip
+    assert main([*args, "--ablations=muon", "--additions=", f"--data={data_yaml}", f"--preset={preset}",
+                 f"--work={work}", f"--out={out}", "--threads=1"]) == 0  # fmt: skip
     result = json.loads(out.read_text())
+    train_yaml = work / "train.yaml"
     score = Scorer(train_yaml)
     # One scorer for both sides, on the folders each side wrote.
     target = result["baseline"]["val_bpb"]
     assert score(work / "baseline" / "hf") == pytest.approx(target, abs=1e-12)
-    recipe, no_muon = result["runs"]
-    assert [p["step"] for p in recipe["points"]] == [2, 4, 6]
+    recipe, no_muon, control = result["runs"]
     metrics = [json.loads(x) for x in (work / "recipe" / "metrics.jsonl").read_text().splitlines()]
     train_s = {r["step"]: r["train_s"] for r in metrics if "train_s" in r}
+    steps = [p["step"] for p in recipe["points"]]
+    assert steps[-1] == 6 and set(steps) <= {2, 4, 6}
     for p in recipe["points"]:
         assert p["train_s"] == train_s[p["step"]]
         folder = work / "exports" / "recipe" / f"step_{p['step']:06d}"
         assert score(folder) == pytest.approx(p["val_bpb"], abs=1e-12)
-    hit = next((p for p in recipe["points"] if p["val_bpb"] <= target), None)
-    assert recipe["reached_at_step"] == (hit["step"] if hit else None)
-    if hit:
-        assert recipe["speedup"] == pytest.approx(result["baseline"]["train_s"] / hit["train_s"])
+    # Every checkpoint's score, to check what the bisection found.
+    every = {}
+    for s in (2, 4, 6):
+        folder = work / "exports" / "recipe" / f"step_{s:06d}"
+        if not folder.exists():
+            export(work / "recipe" / "checkpoints" / folder.name, folder)
+        every[s] = score(folder)
+    below = [s for s in sorted(every) if every[s] <= target]
+    if recipe["points"][-1]["val_bpb"] > target:
+        assert recipe["reached_at_step"] is None and recipe["speedup"] is None
+    else:
+        found = recipe["reached_at_step"]
+        assert found == below[0]
+        assert found == 2 or every[found - 2] > target  # the one before was scored, above
+        seconds = train_s[found]
+        assert recipe["speedup"] == pytest.approx(result["baseline"]["train_s"] / seconds)
     # The ablation is the recipe with that one technique switched back.
     assert load_config(work / "recipe" / "config.yaml").optim.name == "muon"
     assert load_config(work / "no_muon" / "config.yaml").optim.name == "adamw"
     assert no_muon["overrides"] == ["--optim.name=adamw"]
+    # The control is kfm on the baseline's settings, as long as the baseline.
+    ctl = load_config(work / "control" / "config.yaml")
+    assert (ctl.optim.name, ctl.optim.lr, ctl.optim.betas) == ("adamw", 5e-4, [0.9, 0.999])
+    assert (ctl.schedule.name, ctl.model.tie_embeddings, ctl.model.document_masking) == (
+        "cosine",
+        True,
+        False,
+    )
+    assert control["steps"] == 6 and control["points"][-1]["step"] == 6
+    assert no_muon["steps"] == 12  # Muon's ablation gets twice the steps
     assert "target: the baseline's final validation bits/byte" in result["table"]
