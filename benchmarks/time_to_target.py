@@ -85,7 +85,10 @@ BASELINE: dict[str, Any] = {
 # to the baseline's choice; the number is the ablation's step budget in units of --kfm-steps (the
 # ones that slow training most get more, so that they can still reach the target).
 ABLATIONS: dict[str, tuple[list[str], int]] = {
-    "muon": (["--optim.name=adamw"], 2),
+    # Muon off = AdamW on every matrix at AdamW's own lr for this model (3e-3, the quickstart's
+    # before Muon); "muon_same_lr" keeps Muon's 6e-3, which is too high for AdamW.
+    "muon": (["--optim.name=adamw", "--optim.lr=3e-3"], 2),
+    "muon_same_lr": (["--optim.name=adamw"], 2),
     "lr": ([f"--optim.lr={BASELINE['learning_rate']}"], 2),
     "wsd": (["--schedule.name=cosine", "--schedule.min_lr_ratio=0.0"], 1),
     "zero_init": (["--model.zero_init_output=false", "--model.zero_init_head=false"], 1),
@@ -137,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline-steps", type=int, default=400, help="Trainer steps (sets the target)"
     )
     p.add_argument("--kfm-steps", type=int, default=100, help="steps of the kfm recipe run")
-    p.add_argument("--every", type=int, default=10, help="kfm checkpoint (and score) interval")
+    p.add_argument("--every", type=int, default=5, help="kfm checkpoint (and score) interval")
     p.add_argument(
         "--score-from",
         type=float,
@@ -159,6 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="control",
         action="store_false",
         help="skip the control run (kfm with the baseline's settings, --baseline-steps steps)",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every kfm checkpoint (by default only the scored ones' exports are kept)",
     )
     p.add_argument(
         "--preset",
@@ -376,6 +384,7 @@ def run_kfm(
     threads: int,
     score: Scorer,
     target: float,
+    keep_checkpoints: bool = False,
 ) -> Curve:
     """Train the kfm recipe with ``overrides`` and score its checkpoints (every ``every`` steps
     from ``score_from`` of the run on): the last one, and if it is at or below ``target``, a
@@ -437,6 +446,8 @@ def run_kfm(
             else:
                 lo = mid + 1
     curve.points = [(step, train_s[step], scored[step]) for step in sorted(scored)]
+    if not keep_checkpoints:  # the scored ones are exported; the rest are not needed
+        shutil.rmtree(run_dir / "checkpoints")
     return curve
 
 
@@ -514,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         score=score,
         target=target,
+        keep_checkpoints=args.keep_checkpoints,
     )
     rows = [
         ratio(

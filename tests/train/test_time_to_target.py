@@ -72,7 +72,7 @@ def test_benchmark_end_to_end_on_tiny_runs(tiny_sources, tmp_path) -> None:
     out, work = tmp_path / "result.json", tmp_path / "work"
     args = ["--baseline-steps=6", "--kfm-steps=6", "--every=2", "--score-from=0"]
     assert main([*args, "--ablations=muon", "--additions=", f"--data={data_yaml}", f"--preset={preset}",
-                 f"--work={work}", f"--out={out}", "--threads=1"]) == 0  # fmt: skip
+                 f"--work={work}", f"--out={out}", "--threads=1", "--keep-checkpoints"]) == 0  # fmt: skip
     result = json.loads(out.read_text())
     train_yaml = work / "train.yaml"
     score = Scorer(train_yaml)
@@ -107,7 +107,7 @@ def test_benchmark_end_to_end_on_tiny_runs(tiny_sources, tmp_path) -> None:
     # The ablation is the recipe with that one technique switched back.
     assert load_config(work / "recipe" / "config.yaml").optim.name == "muon"
     assert load_config(work / "no_muon" / "config.yaml").optim.name == "adamw"
-    assert no_muon["overrides"] == ["--optim.name=adamw"]
+    assert no_muon["overrides"] == ["--optim.name=adamw", "--optim.lr=3e-3"]
     # The control is kfm on the baseline's settings, as long as the baseline.
     ctl = load_config(work / "control" / "config.yaml")
     assert (ctl.optim.name, ctl.optim.lr, ctl.optim.betas) == ("adamw", 5e-4, [0.9, 0.999])
