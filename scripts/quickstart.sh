@@ -15,7 +15,7 @@ echo "          train the tokenizer on the result, pack shards, write DATA_CARD.
 kfm data run configs/data/quickstart.yaml --overwrite
 
 echo "== [2/6] train (validation bits/byte overall, per source and per language, and 20 items of"
-echo "          kfm_pubmedqa and kfm_klue_nli, at steps 0, 100, 200 and 300)"
+echo "          kfm_pubmedqa and kfm_klue_nli, at steps 0, 80, 160 and 240)"
 rm -rf "$run/checkpoints" "$run/metrics.jsonl" "$run/tb" "$run/eval" "$run/report"  # the previous run's
 # train.yaml = configs/quickstart.yaml with the curated shard sets and the new tokenizer filled in
 kfm train "$run/data/train.yaml" --checkpoint.resume=never "$@"

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -437,6 +437,19 @@ def load_checkpoint(
     return trainer_state
 
 
+def saved_entries(path: Path, entry: str) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path in the saved nested dict, DCP metadata) of every item saved under ``entry``
+    ("model", "ema", ...) in the DCP checkpoint at ``path``, from its metadata file only."""
+    metadata = FileSystemReader(path).read_metadata()
+    # planner_data maps DCP's flattened key ("model.layers.0.wq.weight") to its path in the saved
+    # nested dict (("model", "layers.0.wq.weight")); dots inside FQNs make the key ambiguous alone.
+    paths: dict[str, tuple] = metadata.planner_data or {}
+    for key, meta in metadata.state_dict_metadata.items():
+        key_path = paths.get(key) or tuple(key.split(".", 1))
+        if key_path[0] == entry:
+            yield key_path, meta
+
+
 def load_model_state(
     path: str | Path, *, verify_hashes: bool = True, entry: str = "model"
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -460,15 +473,8 @@ def load_model_state(
         from kfm.checkpoint.deepspeed import load_model_state_from_deepspeed
 
         return load_model_state_from_deepspeed(path, verify_hashes=False)  # just verified
-    metadata = FileSystemReader(path).read_metadata()
-    # planner_data maps DCP's flattened key ("model.layers.0.wq.weight") to its path in the saved
-    # nested dict (("model", "layers.0.wq.weight")); dots inside FQNs make the key ambiguous alone.
-    paths: dict[str, tuple] = metadata.planner_data or {}
     model_state: dict[str, Any] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        key_path = paths.get(key) or tuple(key.split(".", 1))
-        if key_path[0] != entry:
-            continue
+    for key_path, meta in saved_entries(path, entry):
         if isinstance(meta, TensorStorageMetadata):
             value: Any = torch.empty(meta.size, dtype=meta.properties.dtype)
         else:

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import kfm
-from kfm.checkpoint.manager import _quiet_dist, _short_error
+from kfm.checkpoint.manager import _quiet_dist, _short_error, saved_entries
 from kfm.checkpoint.stepdir import (
     MANIFEST,
     CheckpointError,
@@ -172,17 +172,12 @@ def check_mergeable(paths: list[Path], manifests: list[dict[str, Any]], *, ema: 
 
 def _tensor_entries(path: Path, entry: str) -> dict[str, TensorStorageMetadata]:
     """{fqn: metadata} of the tensors saved under ``entry`` ("model" or "ema") in ``path``."""
-    metadata = FileSystemReader(path).read_metadata()
-    # planner_data: DCP's flattened key -> its path in the saved nested dict (FQNs hold dots).
-    paths: dict[str, tuple] = metadata.planner_data or {}
     out: dict[str, TensorStorageMetadata] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        key_path = paths.get(key) or tuple(key.split(".", 1))
-        if key_path[0] != entry:
-            continue
+    for key_path, meta in saved_entries(path, entry):
         if len(key_path) != 2 or not isinstance(meta, TensorStorageMetadata):
             raise CheckpointError(
-                f"{path}: {key} is not a tensor of the model; kfm merge averages tensors only"
+                f"{path}: {'.'.join(key_path)} is not a tensor of the model; kfm merge averages "
+                "tensors only"
             )
         out[key_path[1]] = meta
     if not out:

@@ -244,7 +244,11 @@ def block_activation_bytes_per_token(cfg: Config, *, tp: int) -> float:
     h, n = m.d_model, m.n_heads
     kv = (m.n_kv_heads or m.n_heads) * (h // n)
     f = ffn_hidden_dim(m)
-    return 2 * a * h + (16 * h + a * (2 * h + 2 * kv) + 4 * a * f + 4 * n + 8) / tp
+    per_rank = 16 * h + a * (2 * h + 2 * kv) + 4 * a * f + 4 * n + 8
+    if m.qk_norm:
+        n_kv = m.n_kv_heads or m.n_heads
+        per_rank += 8 * (h + kv) + 4 * (n + n_kv)
+    return 2 * a * h + per_rank / tp
 
 
 def activation_bytes_per_token(cfg: Config, *, tp: int, ac: str | None = None) -> float:
@@ -264,6 +268,8 @@ def activation_bytes_per_token(cfg: Config, *, tp: int, ac: str | None = None) -
       its output (also wo's input); 4*n / t: its fp32 log-sum-exp per head. RoPE keeps only its
       constant tables. No T x T score matrix: flex/flash never materialise one.
     - 4*a*f / t: SwiGLU keeps w1 x, silu(w1 x), w3 x and their product (w2's input).
+    - with ``model.qk_norm``, (8*(h + kv) + 4*(n + n_kv)) / t more: the per-head RMSNorms of q
+      and k keep their fp32 input copy and fp32 normalised tensor and a 4-byte rsqrt per head.
     Checked on CPU against the tensors autograd saves for one bf16 block (saved_tensors_hooks):
     equal up to per-sequence constants, with k/v counted at n_heads because the CPU SDPA path
     expands them.

@@ -28,22 +28,10 @@ from kfm.train.loss import cross_entropy_loss
 from kfm.train.optim import build_optimizer
 from kfm.train.validation import validation_sums
 from tests.conftest import REPO, TOKENIZER
+from tests.model.test_transformer import build, tiny
 from tests.parallel.harness import relative_error, run_train, shared_root
 
 RESIDUAL_OUT = ("attention.wo.weight", "feed_forward.w2.weight")
-
-
-def tiny(**overrides: Any) -> ModelConfig:
-    base: dict[str, Any] = dict(
-        vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, attn_backend="sdpa"
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
-
-
-def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(cfg)
 
 
 def tokens(cfg: ModelConfig, shape: tuple[int, int] = (2, 16)) -> torch.Tensor:

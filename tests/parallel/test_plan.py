@@ -77,10 +77,14 @@ def test_memory_total_and_fit_follow_the_formula(preset):
 
 
 def test_activation_formula_by_hand():
-    # 8B: h=4096, kv=8*128=1024, f=14336, n=32, bf16 (a=2), t=1, V=128256.
+    # 8B: h=4096, kv=8*128=1024, f=14336, n=32, n_kv=8, bf16 (a=2), t=1, V=128256; QK-norm
+    # keeps fp32 copies of q and k and a rsqrt per head: 8*(h + kv) + 4*(n + n_kv).
     cfg = _cfg("b200_8b")
-    block = 2 * 2 * 4096 + (16 * 4096 + 2 * (2 * 4096 + 2 * 1024) + 8 * 14336 + 4 * 32 + 8)
-    assert block == 217224
+    qk_norm = 8 * (4096 + 1024) + 4 * (32 + 8)
+    block = 2 * 2 * 4096 + (
+        16 * 4096 + 2 * (2 * 4096 + 2 * 1024) + 8 * 14336 + 4 * 32 + 8 + qk_norm
+    )
+    assert block == 217224 + 41120
     head = 8 * 4096 + 2 * 4096 + 10 * 128256
     assert activation_bytes_per_token(cfg, tp=1, ac="none") == 32 * block + block + head
     # full AC: each block keeps its bf16 input; one block is recomputed in backward

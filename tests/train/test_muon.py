@@ -16,9 +16,9 @@ from kfm.model.transformer import Transformer
 from kfm.train.muon import MUON_GROUP, MuonAdamW, momentum_at
 from kfm.train.optim import apply_optim_config, build_optimizer, build_scheduler, describe_optimizer
 from kfm.train.resume import classify
-from kfm.train.trainer import train
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO
 from tests.train.test_optim import TinyLM
+from tests.train.test_resume_changes import run as run_tiny
 
 MUON = OptimConfig(name="muon", lr=2e-2, weight_decay=0.1)
 
@@ -238,25 +238,17 @@ def test_config_checks_name_the_key() -> None:
 STEPS, CKPT_AT = 10, 5
 
 
-def _run(sources: list[dict], root: Path, name: str, *extra: str) -> list[float]:
-    cfg = load_config(
-        REPO / "configs" / "tiny.yaml",
-        [
-            *tiny_overrides(sources, root, name),
-            "--optim.name=muon",
-            "--optim.muon_momentum_warmup=6",  # the warm-up straddles the resume step
-            f"--train.steps={STEPS}",
-            f"--checkpoint.interval={CKPT_AT}",
-            "--eval.interval=0",
-            *extra,
-        ],
+def _run(sources: list[dict], root: Path, name: str, *extra: str) -> dict[int, float]:
+    run_tiny(
+        sources,
+        root,
+        name,
+        "--optim.name=muon",
+        "--optim.muon_momentum_warmup=6",  # the warm-up straddles the resume step
+        f"--train.steps={STEPS}",
+        f"--checkpoint.interval={CKPT_AT}",
+        *extra,
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(cfg)
-    finally:
-        torch.set_num_threads(threads)
     lines = (root / name / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
