@@ -39,7 +39,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import kfm
-from kfm.checkpoint.manager import _quiet_dist, _short_error, saved_entries
+from kfm.checkpoint.manager import _flatten, _quiet_dist, _short_error, saved_entries
 from kfm.checkpoint.stepdir import (
     MANIFEST,
     CheckpointError,
@@ -124,15 +124,6 @@ def select_checkpoints(
     if len(set(steps)) != len(steps):
         raise CheckpointError(f"--steps {','.join(map(str, steps))} names a step twice")
     return [by_step[s] for s in sorted(steps)]
-
-
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_flatten(sub, f"{prefix}.{key}"))
-        return out
-    return {prefix: value}
 
 
 def check_mergeable(paths: list[Path], manifests: list[dict[str, Any]], *, ema: bool) -> None:
