@@ -150,14 +150,19 @@ def _trained(cfg: OptimConfig, steps: int) -> tuple[TinyLM, torch.optim.Optimize
     model = TinyLM(tie=False)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, ScheduleConfig(warmup_steps=2), total_steps=10)
-    for step in range(steps):
+    _train_steps(model, opt, sched, range(steps))
+    return model, opt, sched
+
+
+def _train_steps(model: TinyLM, opt: torch.optim.Optimizer, sched: object, steps: range) -> None:
+    """Optimizer steps ``steps`` (each with its own seeded input), as a training loop takes them."""
+    for step in steps:
         torch.manual_seed(100 + step)
         loss = model(torch.randint(0, 16, (6,))).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
-    return model, opt, sched
+        sched.step()  # type: ignore[attr-defined]
 
 
 def test_state_round_trip_and_resume_with_new_muon_settings() -> None:
@@ -208,13 +213,7 @@ def test_load_state_dict_resumes_bitwise() -> None:
     model_b.load_state_dict(state[0])
     opt_b.load_state_dict(state[1])
     sched_b.load_state_dict(state[2])
-    for step in range(3, 6):
-        torch.manual_seed(100 + step)
-        loss = model_b(torch.randint(0, 16, (6,))).pow(2).mean()
-        opt_b.zero_grad()
-        loss.backward()
-        opt_b.step()
-        sched_b.step()
+    _train_steps(model_b, opt_b, sched_b, range(3, 6))
     for a, b in zip(full.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(a, b)
 
